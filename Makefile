@@ -1,0 +1,46 @@
+# xcam: two commands do everything.
+#   make demo   install (if needed), materialize the whole lineage on the embedded
+#               SYNTHETIC demo cohort, commit/push the data with DVC, serve the UI
+#   make test   install (if needed) and run the tests
+PYTHON ?= python3
+VENV := .venv
+DVC_VENV := .venv-dvc
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export GX_ANALYTICS_ENABLED := false
+# glibc returns memory to the OS on every step otherwise (25-40% slower CPU training)
+export MALLOC_MMAP_THRESHOLD_ := 17179869184
+export MALLOC_TRIM_THRESHOLD_ := 17179869184
+
+.PHONY: demo test setup ui lint
+
+demo: setup
+	$(VENV)/bin/xcam demo
+	$(VENV)/bin/xcam ui
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed $(DVC_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml resources/constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c resources/constraints.txt -e '.[test]'
+	# Quantus (metric cross-checks in tests) wants opencv-python, which would clobber
+	# grad-cam's opencv-python-headless: install it and its light deps without deps.
+	$(VENV)/bin/python -m pip install --quiet --no-deps -c resources/constraints.txt \
+		quantus scikit-image imageio tifffile lazy-loader cachetools
+	touch $@
+
+# DVC in its own environment: its hydra/omegaconf pin antlr 4.9, dagster needs 4.13
+$(DVC_VENV)/.installed:
+	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DVC_VENV)/bin/python -m pip install --quiet 'dvc==3.67.1'
+	touch $@
+
+ui: setup
+	$(VENV)/bin/xcam ui
+
+lint: setup
+	$(VENV)/bin/ruff check xcam_assets tests

@@ -1,0 +1,38 @@
+"""Shared fixtures: a throw-away xcam project (tiny profile) on the synthetic demo cohort."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("XCAM_PROFILE", "tiny")
+os.environ.setdefault("XCAM_PSEUDONYM_KEY", "test-only-key-not-a-secret")
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the repo's resources/ in tmp, with its own data dir and Dagster home."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "resources", root / "resources")
+    (root / "dagster_home").mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", root / "dagster_home" / "dagster.yaml")
+    monkeypatch.setenv("XCAM_ROOT", str(root))
+    monkeypatch.setenv("XCAM_DATA_DIR", str(root / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+    monkeypatch.setenv("XCAM_PROFILE", "tiny")
+    return root

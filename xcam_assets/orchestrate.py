@@ -1,0 +1,117 @@
+"""Run the lineage stage by stage against the project's Dagster instance.
+
+The `xcam` CLI and the DVC stages (dvc.yaml) call these, so every
+materialization - from the UI, the CLI or `dvc repro` - lands in the same
+event log. Each stage is one in-process Dagster run per partition; a failed
+blocking check fails its run and stops the stages after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import dagster as dg
+
+from xcam_assets.automation import complete_batches
+from xcam_assets.config import Settings, load_settings
+from xcam_assets.definitions import ASSETS, CHECKS
+from xcam_assets.resources import XcamConfig, batch_partitions
+
+STAGES: dict[str, list[str]] = {
+    "ingest": ["raw_dicoms", "dicom_inventory", "findings"],
+    "preprocess": ["clahe_tensors"],
+    "splits": ["cohort_splits"],
+    "train": ["checkpoints"],
+    "explain": ["heatmap_sets"],
+    "evaluate": ["metric_tables"],
+}
+ORDER = ["ingest", "preprocess", "splits", "train", "explain", "evaluate"]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def project_instance(settings: Settings) -> dg.DagsterInstance:
+    """The persistent instance under DAGSTER_HOME (default: <project>/dagster_home)."""
+    home = os.environ.setdefault("DAGSTER_HOME", str(settings.root / "dagster_home"))
+    os.makedirs(home, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def known_batches(settings: Settings) -> list[str]:
+    """Complete incoming batches plus batches already in the raw store."""
+    batches = set(complete_batches(settings.incoming_dir))
+    if settings.raw_dir.is_dir():
+        batches |= {d.name for d in settings.raw_dir.iterdir() if d.is_dir()}
+    return sorted(batches)
+
+
+def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> None:
+    existing = set(instance.get_dynamic_partitions(batch_partitions.name))
+    new = [b for b in batches if b not in existing]
+    if new:
+        instance.add_dynamic_partitions(batch_partitions.name, new)
+
+
+def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
+         partition_key: str | None, log: Callable[[str], None]) -> dg.ExecuteInProcessResult:
+    selection = dg.AssetSelection.assets(*keys)
+    result = dg.materialize([*ASSETS, *CHECKS], selection=selection,
+                            partition_key=partition_key, instance=instance,
+                            resources={"xcam": resource}, raise_on_error=False,
+                            tags={"xcam/stage": ",".join(keys)})
+    failed_checks = [
+        f"{e.asset_check_evaluation_data.asset_check_key.name}"
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and not e.event_specific_data.passed
+    ]
+    where = f"[{partition_key}]" if partition_key else ""
+    if not result.success or failed_checks:
+        raise StageFailed(f"{'+'.join(keys)}{where} failed (run {result.run_id}); "
+                          f"failed checks: {failed_checks or 'none'}; see the run in the UI")
+    log(f"materialized {'+'.join(keys)}{where} (run {result.run_id[:8]})")
+    return result
+
+
+def materialize_stage(stage: str, settings: Settings | None = None,
+                      resource: XcamConfig | None = None,
+                      instance: dg.DagsterInstance | None = None,
+                      log: Callable[[str], None] = print) -> None:
+    settings = settings or load_settings()
+    resource = resource or XcamConfig()
+    instance = instance or project_instance(settings)
+    keys = STAGES[stage]
+    if stage in ("ingest", "preprocess"):
+        batches = known_batches(settings)
+        if not batches:
+            raise StageFailed(f"no complete batch under {settings.incoming_dir} "
+                              "(a folder with labels.csv and a .complete marker)")
+        register_batches(instance, batches)
+        for batch in batches:
+            _run(keys, instance, resource, batch, log)
+    elif stage in ("train", "explain"):
+        for arch in settings.architectures:
+            _run(keys, instance, resource, arch, log)
+    else:
+        _run(keys, instance, resource, None, log)
+
+
+def materialize_all(settings: Settings | None = None, resource: XcamConfig | None = None,
+                    instance: dg.DagsterInstance | None = None,
+                    log: Callable[[str], None] = print) -> None:
+    """Every stage in order; a batch's ingest and preprocessing share one run so a
+    failed blocking check of its labels stops its tensors."""
+    settings = settings or load_settings()
+    resource = resource or XcamConfig()
+    instance = instance or project_instance(settings)
+    batches = known_batches(settings)
+    if not batches:
+        raise StageFailed(f"no complete batch under {settings.incoming_dir}")
+    register_batches(instance, batches)
+    for batch in batches:
+        _run(STAGES["ingest"] + STAGES["preprocess"], instance, resource, batch, log)
+    for stage in ORDER[2:]:
+        materialize_stage(stage, settings, resource, instance, log)

@@ -1,0 +1,103 @@
+"""Tensor shards: one memory-mappable .npy per batch plus a parquet manifest.
+
+A batch folder `tensors/<batch>/` holds `images.npy` (N, H, W) uint8,
+`regions.npy` (N, F, H, W) uint8 ground-truth masks per finding, and
+`manifest.parquet` (one row per image: key, row, source sha256, params hash,
+transformed boxes). The manifest is written last and records each shard's
+size and sha256, so a shard without a matching manifest is never read as valid.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from xcam_assets.hashing import atomic_path, atomic_write_parquet, sha256_file
+
+SHARDS = ("images.npy", "regions.npy")
+
+
+def write_batch_tensors(
+    out_dir: Path, images: np.ndarray, regions: np.ndarray, manifest: pl.DataFrame
+) -> pl.DataFrame:
+    """Write shards then the manifest (with shard hashes) atomically; return the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_info = {}
+    for name, array in zip(SHARDS, (images, regions), strict=True):
+        with atomic_path(out_dir / name, suffix=".npy") as tmp:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(array))
+            tmp.write_bytes(buf.getvalue())
+        shard_info[name] = sha256_file(out_dir / name)
+    manifest = manifest.with_columns(
+        pl.lit(shard_info["images.npy"]).alias("images_sha256"),
+        pl.lit(shard_info["regions.npy"]).alias("regions_sha256"),
+    )
+    atomic_write_parquet(out_dir / "manifest.parquet", manifest)
+    return manifest
+
+
+@dataclass
+class TensorSet:
+    """All stored tensors (across batches) for a set of image keys, in key order."""
+
+    keys: list[str]
+    images: np.ndarray  # (N, H, W) uint8
+    regions: np.ndarray  # (N, F, H, W) uint8
+    manifest: pl.DataFrame
+
+
+def read_manifests(tensors_dir: Path) -> pl.DataFrame:
+    frames = [
+        pl.read_parquet(p).with_columns(pl.lit(p.parent.name).alias("tensor_batch"))
+        for p in sorted(tensors_dir.glob("*/manifest.parquet"))
+    ]
+    if not frames:
+        raise FileNotFoundError(f"no tensor manifests under {tensors_dir}: materialize clahe_tensors")
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def verify_batch(batch_dir: Path) -> list[str]:
+    """Problems with a batch's shards vs its manifest (empty list = consistent)."""
+    manifest_path = batch_dir / "manifest.parquet"
+    if not manifest_path.exists():
+        return [f"{manifest_path} missing"]
+    manifest = pl.read_parquet(manifest_path)
+    problems = []
+    for name, col in (("images.npy", "images_sha256"), ("regions.npy", "regions_sha256")):
+        shard = batch_dir / name
+        if not shard.exists():
+            problems.append(f"{shard} missing")
+        elif manifest.height and sha256_file(shard) != manifest[col][0]:
+            problems.append(f"{shard} does not match the sha256 recorded in {manifest_path}")
+    return problems
+
+
+def load_tensor_set(tensors_dir: Path, keys: list[str] | None = None) -> TensorSet:
+    """Gather images/regions for `keys` (all when None) from the batch shards."""
+    manifest = read_manifests(tensors_dir)
+    if keys is not None:
+        order = pl.DataFrame({"image_key": keys, "_order": range(len(keys))})
+        missing = set(keys) - set(manifest["image_key"].to_list())
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) have no tensors, e.g. {sorted(missing)[:3]}")
+        manifest = order.join(manifest, on="image_key", how="left").sort("_order").drop("_order")
+    images, regions = [], []
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for batch, row in zip(manifest["tensor_batch"], manifest["row"], strict=True):
+        if batch not in cache:
+            d = tensors_dir / batch
+            cache[batch] = (np.load(d / "images.npy", mmap_mode="r"),
+                            np.load(d / "regions.npy", mmap_mode="r"))
+        images.append(cache[batch][0][row])
+        regions.append(cache[batch][1][row])
+    return TensorSet(
+        keys=manifest["image_key"].to_list(),
+        images=np.stack(images) if images else np.zeros((0, 0, 0), np.uint8),
+        regions=np.stack(regions) if regions else np.zeros((0, 0, 0, 0), np.uint8),
+        manifest=manifest,
+    )
