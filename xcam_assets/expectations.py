@@ -48,7 +48,10 @@ def load_suite_config(suite_path: Path) -> list[dict[str, Any]]:
 def _context() -> Any:
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = ctx.data_sources.add_pandas("xcam")
     asset = source.add_dataframe_asset(name="frame")
     return asset.add_batch_definition_whole_dataframe("whole")
@@ -75,6 +78,12 @@ def validate_frame(frame: Any, suite_path: Path, extra: list[dict] | None = None
         if r.success:
             continue
         info = r.result or {}
+        exc_info = r.exception_info or {}
+        nested = [v for v in exc_info.values() if isinstance(v, dict)]
+        exc = exc_info.get("exception_message") or next(
+            (v.get("exception_message") for v in nested if v.get("exception_message")), None)
+        if exc:
+            info = {"unexpected_count": "error", "partial_unexpected_list": [exc[:200]]}
         failures.append({
             "expectation": r.expectation_config.type,
             "column": r.expectation_config.kwargs.get("column", ""),

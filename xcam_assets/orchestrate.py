@@ -61,6 +61,8 @@ def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
     result = dg.materialize([*ASSETS, *CHECKS], selection=selection,
                             partition_key=partition_key, instance=instance,
                             resources={"xcam": resource}, raise_on_error=False,
+                            run_config={"loggers": {"console": {"config": {
+                                "log_level": os.environ.get("XCAM_LOG_LEVEL", "INFO")}}}},
                             tags={"xcam/stage": ",".join(keys)})
     failed_checks = [
         f"{e.asset_check_evaluation_data.asset_check_key.name}"
