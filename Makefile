@@ -11,13 +11,13 @@ export GX_ANALYTICS_ENABLED := false
 export MALLOC_MMAP_THRESHOLD_ := 17179869184
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
-.PHONY: demo test setup ui lint
+.PHONY: demo test setup ui lint browser
 
 demo: setup
 	$(VENV)/bin/xcam demo
 	$(VENV)/bin/xcam ui
 
-test: setup
+test: setup browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed
@@ -38,6 +38,17 @@ $(DVC_VENV)/.installed:
 	$(DVC_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(DVC_VENV)/bin/python -m pip install --quiet 'dvc==3.67.1'
 	touch $@
+
+# headless Chromium (Debian's package) for the browser tests of the UI and the audit
+# report, driven by Playwright (the `playwright` Python package, a test extra; its own
+# browser download is not used). Installed when missing and we are root; else they skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null; \
+	  else echo "chromium missing and not installable here: the browser tests will skip"; fi; }
 
 ui: setup
 	$(VENV)/bin/xcam ui

@@ -126,6 +126,33 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
     auc_row = table.filter(pl.col("metric") == "auc")
     assert auc_row["ci_low"][0] <= auc_row["value"][0] <= auc_row["ci_high"][0]
     assert (s.metrics_dir / "comparison.csv").exists()
+
+    # every configured method has every localization metric; energy pointing game recomputed
+    for method in s.profile["cam_methods"]:
+        names = set(table.filter(pl.col("cam_method") == method)["metric"].to_list())
+        assert {"pointing_game", "pointing_game_tol15px", "point_localization_accuracy",
+                "energy_pointing_game", "ehr_auc", "weak_localization_iou",
+                "weak_localization_hit", "weak_localization_hit_iou50"} <= names, method
+    m64 = maps.astype(np.float64)
+    energy = [m64[i, 0][regions_te[i, 0] > 0].sum() / m64[i, 0].sum()
+              for i in range(len(keys)) if regions_te[i, 0].any() and maps[i, 0].sum() > 0]
+    assert value("energy_pointing_game", "gradcam") == pytest.approx(np.mean(energy), abs=1e-9)
+    # faithfulness on true positives (first 4 in key order): AOPC recomputed step by step
+    from xcam_assets.evaluate.faithfulness import morf_aopc_stepwise, torch_predictor
+
+    tp = np.flatnonzero((y == 1) & pred)[:4]
+    if len(tp):
+        for metric in ("aopc", "deletion_auc", "insertion_auc", "road_combined"):
+            assert table.filter((pl.col("metric") == metric)
+                                & (pl.col("cam_method") == "gradcam")).height == 1, metric
+        ref = morf_aopc_stepwise(torch_predictor(model, 0), x_te[tp] / 255.0, maps[tp, 0],
+                                 region=10, steps=8, seed=s.seed)
+        assert value("aopc", "gradcam") == pytest.approx(ref.values.mean(), abs=1e-5)
+    for name in ("roc_lesion", "metrics_lesion", f"montage_{arch}"):
+        assert (s.metrics_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    sidecar = json.loads((s.heatmaps_dir / arch / "heatmaps.json").read_text())
+    assert sidecar["methods"]["gradcam"]["status"] == "ok"
+    assert (s.heatmaps_dir / arch / "montage_gradcam.png").exists()
     json.loads((s.checkpoints_dir / arch / "model.json").read_text())
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,20 +11,11 @@ from xcam_assets.config import load_settings
 
 
 def _dvc(settings, *args: str, check: bool = True) -> int:
-    """Run DVC from its own tool environment (.venv-dvc: its antlr pin clashes with
-    dagster's), with this environment's `xcam` on PATH for the stage commands."""
-    root = settings.root
-    dvc = os.environ.get("XCAM_DVC") or str(root / ".venv-dvc" / "bin" / "dvc")
-    if not Path(dvc).exists():
-        print(f"xcam: DVC not found at {dvc}; run `make setup` (skipping `dvc {' '.join(args)}`)")
-        return 0 if not check else 1
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
-    proc = subprocess.run([dvc, *args], cwd=root, env=env)
-    if check and proc.returncode:
-        raise SystemExit(f"xcam: `dvc {' '.join(args)}` failed with exit code {proc.returncode}")
-    return proc.returncode
+    """Run DVC from its own tool environment (.venv-dvc), one command at a time per
+    checkout (xcam_assets.provenance.dvc.run_dvc holds a lock file)."""
+    from xcam_assets.provenance.dvc import run_dvc
+
+    return run_dvc(settings, *args, check=check).returncode
 
 
 def cmd_demo_cohort(args: argparse.Namespace) -> None:
@@ -86,6 +76,16 @@ def cmd_import_tbx11k(args: argparse.Namespace) -> None:
     print(f"imported TBX11K into {out}; run with XCAM_STUDY=tbx11k (finding ActiveTuberculosis)")
 
 
+def cmd_import_labels(args: argparse.Namespace) -> None:
+    from xcam_assets.ingest.adapters.batch import write_batch_labels_for
+    from xcam_assets.ingest.adapters.registry import read_labels
+
+    s = load_settings()
+    batch_dir = s.incoming_dir / args.batch
+    summary = write_batch_labels_for(read_labels(args.format, *args.tables), batch_dir)
+    print(f"wrote {batch_dir / 'labels.csv'}: {summary}")
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     s = load_settings()
     os.environ.setdefault("DAGSTER_HOME", str(s.root / "dagster_home"))
@@ -93,6 +93,13 @@ def cmd_ui(args: argparse.Namespace) -> None:
     os.chdir(s.root)
     os.execv(str(dagster), [str(dagster), "dev", "-w", "workspace.yaml",
                             "-h", args.host, "-p", str(args.port)])
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from xcam_assets.provenance.audit import run_audit
+
+    raise SystemExit(run_audit(args.asset, partition=args.partition,
+                               out_dir=Path(args.out) if args.out else None))
 
 
 def cmd_dvc(args: argparse.Namespace) -> None:
@@ -118,10 +125,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", default="tbx11k")
     p.add_argument("--limit", type=int)
     p.set_defaults(fn=cmd_import_tbx11k)
+    p = sub.add_parser("import-labels", help="a dataset's label table -> a batch's labels.csv "
+                       "(formats: siim nih rsna vindr tbx11k csv coco)")
+    p.add_argument("format")
+    p.add_argument("tables", nargs="+")
+    p.add_argument("--batch", required=True, help="folder name under data/incoming/")
+    p.set_defaults(fn=cmd_import_labels)
     p = sub.add_parser("ui", help="serve the Dagster UI (webserver + daemon) on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(fn=cmd_ui)
+    p = sub.add_parser("audit", help="provenance of an asset down to each raw DICOM's sha256: "
+                       "JSON + HTML + W3C PROV-JSON; re-hashes every file, exit 1 on mismatch")
+    p.add_argument("asset", help="asset key, e.g. metric_tables")
+    p.add_argument("--partition", help="one partition (batch or architecture); default: all")
+    p.add_argument("--out", help="output folder (default: reports/audit)")
+    p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("dvc", help="run DVC from its isolated environment")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_dvc)

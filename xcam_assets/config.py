@@ -9,8 +9,6 @@ numbers: `resources/params.yaml` (DVC's params file), an optional study file
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -111,13 +109,6 @@ class Settings:
     @property
     def metrics_dir(self) -> Path:
         return self.data_dir / "metrics"
-
-    def section_hash(self, *keys: str) -> str:
-        """Stable hash of parameter sections (part of data versions)."""
-        payload = {k: self.params.get(k) for k in keys}
-        payload["profile"] = self.profile
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def load_settings(

@@ -1,10 +1,20 @@
-"""The one Definitions object: every stage's assets and checks, automation, resources."""
+"""The one Definitions object: every stage's assets and checks, automation, resources.
 
-from __future__ import annotations
+Runs execute in process (one process per run, steps in order): on a few CPU cores a
+process per step mostly re-imports torch; SQLite storage also prefers fewer writers.
+The downstream assets get the nightly automation condition here (xcam_assets.automation).
+"""
 
 import dagster as dg
 
-from xcam_assets.automation import incoming_batch_sensor, ingest_batch_job
+from xcam_assets.automation import (
+    NIGHTLY_ASSETS,
+    dvc_commit_after_run,
+    incoming_batch_sensor,
+    ingest_batch_job,
+    nightly_condition,
+    nightly_reevaluation,
+)
 from xcam_assets.evaluate.assets import metric_tables
 from xcam_assets.evaluate.checks import metrics_in_range
 from xcam_assets.explain.assets import heatmap_sets
@@ -28,10 +38,20 @@ ASSETS = [raw_dicoms, dicom_inventory, findings, cohort_splits, clahe_tensors, c
 CHECKS = [raw_copy_is_faithful, inventory_is_usable, labels_match_images, splits_do_not_leak,
           tensors_are_sound, model_is_sound, heatmaps_are_valid, metrics_in_range]
 
+
+
+def _with_nightly(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    if asset.key.to_user_string() not in NIGHTLY_ASSETS:
+        return asset
+    return asset.map_asset_specs(
+        lambda spec: spec.replace_attributes(automation_condition=nightly_condition()))
+
+
 defs = dg.Definitions(
-    assets=ASSETS,
+    assets=[_with_nightly(a) for a in ASSETS],
     asset_checks=CHECKS,
     jobs=[ingest_batch_job],
-    sensors=[incoming_batch_sensor],
+    sensors=[incoming_batch_sensor, nightly_reevaluation, dvc_commit_after_run],
     resources={"xcam": XcamConfig()},
+    executor=dg.in_process_executor,
 )

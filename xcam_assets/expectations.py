@@ -47,7 +47,6 @@ def load_suite_config(suite_path: Path) -> list[dict[str, Any]]:
 @lru_cache(maxsize=1)
 def _context() -> Any:
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")

@@ -2,7 +2,7 @@
 
 The `xcam` CLI and the DVC stages (dvc.yaml) call these, so every
 materialization - from the UI, the CLI or `dvc repro` - lands in the same
-event log. Each stage is one in-process Dagster run per partition; a failed
+event log, tagged with where, by whom and with what it ran (xcam_assets.provenance). Each stage is one in-process Dagster run per partition; a failed
 blocking check fails its run and stops the stages after it.
 """
 
@@ -16,6 +16,7 @@ import dagster as dg
 from xcam_assets.automation import complete_batches
 from xcam_assets.config import Settings, load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
+from xcam_assets.provenance import execution_tags
 from xcam_assets.resources import XcamConfig, batch_partitions
 
 STAGES: dict[str, list[str]] = {
@@ -55,6 +56,16 @@ def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> None:
         instance.add_dynamic_partitions(batch_partitions.name, new)
 
 
+def run_tags(resource: XcamConfig) -> dict[str, str]:
+    """Provenance tags of an in-process run: host, user, git commit, packages, params;
+    `xcam/launched_by` is `dvc` (and `xcam/dvc_stage`) when `dvc repro` runs the stage."""
+    stage = os.environ.get("DVC_STAGE")
+    tags = execution_tags(resource.settings(), launched_by="dvc" if stage else "cli")
+    if stage:
+        tags["xcam/dvc_stage"] = stage
+    return tags
+
+
 def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
          partition_key: str | None, log: Callable[[str], None]) -> dg.ExecuteInProcessResult:
     selection = dg.AssetSelection.assets(*keys)
@@ -63,7 +74,7 @@ def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
                             resources={"xcam": resource}, raise_on_error=False,
                             run_config={"loggers": {"console": {"config": {
                                 "log_level": os.environ.get("XCAM_LOG_LEVEL", "INFO")}}}},
-                            tags={"xcam/stage": ",".join(keys)})
+                            tags={"xcam/stage": ",".join(keys), **run_tags(resource)})
     failed_checks = [
         f"{e.asset_check_evaluation_data.asset_check_key.name}"
         for e in result.all_events

@@ -14,8 +14,9 @@ batch_partitions = dg.DynamicPartitionsDefinition(name="batches")
 
 
 def architecture_partitions() -> dg.StaticPartitionsDefinition:
-    """One partition per architecture of the active profile (resources/params.yaml)."""
-    return dg.StaticPartitionsDefinition(load_settings().architectures)
+    """One partition per model-zoo entry (resources/models.yaml), so the UI shows and
+    materializes every architecture; `xcam materialize` runs the profile's `architectures`."""
+    return dg.StaticPartitionsDefinition(list(load_settings().zoo))
 
 
 class XcamConfig(dg.ConfigurableResource):

@@ -6,8 +6,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pydicom
 import pytest
+from conftest import shared_data
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
@@ -15,10 +17,14 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from xcam_assets.ingest.dicom import (
     HEADER_FIELDS,
+    PHOTOMETRIC_MARGIN,
     DicomDecodeError,
+    decode_u8,
     decode_unit,
+    photometric_score,
     read_header,
     to_uint8,
+    transfer_syntax_problem,
 )
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -215,3 +221,131 @@ def test_decoder_follows_header_even_when_it_lies(real_data: Path) -> None:
     if not FAKE_MONO1.exists():
         pytest.skip(f"{FAKE_MONO1} not present")
     np.testing.assert_allclose(decode_unit(FAKE_MONO1), 1 - decode_unit(SIIM), atol=1e-6)
+
+
+# ---- transfer syntaxes, the inventory's decode check, the photometric heuristic -------
+
+
+@pytest.fixture(scope="module")
+def good_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from dicom_corpus import demo_sources, good_files
+
+    root = tmp_path_factory.mktemp("corpus")
+    written = good_files(demo_sources(root / "src"), root / "good")
+    return {name: root / "good" / name for name in written}
+
+
+def test_every_lossless_syntax_decodes_identically(good_corpus: dict[str, Path]) -> None:
+    from dicom_corpus import HAS_JPEGLS
+
+    ref = decode_unit(good_corpus["explicit_le_12bit.dcm"])
+    lossless = ["implicit_le.dcm", "explicit_be.dcm", "deflated.dcm", "rle.dcm",
+                "j2k_lossless.dcm", "jpeg_lossless_sv1.dcm", "signed_rescale.dcm", "voi_lut.dcm"]
+    if HAS_JPEGLS:
+        lossless.append("jpegls_lossless.dcm")
+    for name in lossless:
+        unit = decode_unit(good_corpus[name])
+        np.testing.assert_allclose(unit, ref, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(decode_u8(good_corpus[name]), to_uint8(unit), name)
+    # JPEG baseline is lossy and 8-bit: close to the 8-bit rendering, not equal
+    jpeg = decode_unit(good_corpus["jpeg_baseline.dcm"])
+    assert np.abs(jpeg - ref).mean() < 0.01 and np.abs(jpeg - ref).max() < 0.1
+
+
+def test_jpeg_lossless_encoder_round_trip() -> None:
+    """The test-only process 14 encoder, decoded by pylibjpeg, on extreme differences."""
+    import libjpeg
+    from dicom_corpus import jpeg_lossless_sv1
+
+    img = np.array([[0, 4095, 0, 1], [4095, 0, 2048, 2047]], dtype=np.uint16)
+    out = libjpeg.decode(jpeg_lossless_sv1(img, 12))
+    np.testing.assert_array_equal(out, img)
+
+
+def test_transfer_syntax_problem() -> None:
+    assert transfer_syntax_problem(str(ExplicitVRLittleEndian)) is None
+    assert transfer_syntax_problem("1.2.840.10008.1.2.4.80") is None  # JPEG-LS: pylibjpeg
+    assert transfer_syntax_problem("1.2.840.10008.1.2.4.201") is None  # HTJ2K: pylibjpeg
+    assert transfer_syntax_problem("1.2.840.10008.1.2.4.100") == (
+        "unsupported transfer syntax MPEG2 Main Profile / Main Level "
+        "(1.2.840.10008.1.2.4.100): no image decoder exists for it")
+    assert "unknown (1.2.3.4.5)" in transfer_syntax_problem("1.2.3.4.5")
+    assert transfer_syntax_problem(None) == "no transfer syntax in the file meta header"
+
+
+def test_photometric_score_is_antisymmetric_and_exact() -> None:
+    # 100x100: mediastinum column and abdomen 1.0, lungs 0.0, the rest 0.5
+    img = np.full((100, 100), 0.5, dtype=np.float32)
+    img[20:65, 12:45] = img[20:65, 55:88] = 0.0
+    img[20:65, 42:58] = 1.0
+    img[80:97, 30:70] = 1.0
+    # p5..p95 of the central 80 % = 0..1 (no rescaling); mediastinum and abdomen medians 1;
+    # the lung bands are 0 but for 3 of their 33 columns (the mediastinum overlaps them),
+    # so p30 = p70 = 0: score = m_c + m_a - p30 - p70 = 2, and exactly -2 for 1 - img
+    score = photometric_score(img)
+    assert photometric_score(1 - img) == pytest.approx(-score, abs=1e-6)
+    assert score == pytest.approx(2.0, abs=1e-6)
+    assert photometric_score(np.full((50, 50), 0.3)) == 0.0
+
+
+def test_photometric_score_separates_real_radiographs() -> None:
+    """601 real TBX11K + 2 NIH PNGs (upright by construction) and their negatives."""
+    import cv2
+
+    pngs = sorted(shared_data("tbx11k", "images").glob("*.png"))
+    pngs += sorted(shared_data("nih", "images").glob("*.png"))
+    assert len(pngs) >= 600
+    upright, inverted = [], []
+    for p in pngs:
+        unit = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+        upright.append(photometric_score(unit))
+        inverted.append(photometric_score(1 - unit))
+    assert min(upright) > PHOTOMETRIC_MARGIN, min(upright)
+    assert max(inverted) < -PHOTOMETRIC_MARGIN, max(inverted)
+
+
+def test_real_dicoms_ingest_to_the_right_status(real_data: Path) -> None:
+    from xcam_assets.ingest.inventory import IngestPolicy, inventory_rows
+
+    dicom_dir = shared_data("dicom")
+    before = {p: p.stat().st_mtime_ns for p in dicom_dir.rglob("*")}
+    inv = inventory_rows(dicom_dir, "real", b"k", IngestPolicy()).sort("file")
+    status = dict(zip(inv["file"], inv["status"], strict=True))
+    assert status == {"edited/Fake_MONOHR1.dcm": "quarantined",
+                      "nema-rg1/LICENSE_pydicom-data_MIT.txt": "quarantined",
+                      "nema-rg1/RG1_J2KR.dcm": "ok", "nema-rg1/RG1_UNCR.dcm": "ok",
+                      f"siim/{SIIM.name}": "ok"}
+    fake = inv.filter(pl.col("file") == "edited/Fake_MONOHR1.dcm").row(0, named=True)
+    assert fake["reason"].startswith("inconsistent photometric tag: PhotometricInterpretation "
+                                     "is MONOCHROME1 but the decoded image looks inverted")
+    assert fake["photometric_score"] < -0.5
+    ok = inv.filter(pl.col("status") == "ok")
+    assert ok["photometric_score"].min() > 0.5  # none inverted
+    assert {p: p.stat().st_mtime_ns for p in dicom_dir.rglob("*")} == before
+
+
+def test_decode_u8_equals_decode_unit_on_real_files(real_data: Path) -> None:
+    for path in (SIIM, RG1_UNCR, FAKE_MONO1):
+        np.testing.assert_array_equal(decode_u8(path), to_uint8(decode_unit(path)))
+
+
+def test_fast_paths_agree_with_pydicom(good_corpus: dict[str, Path]) -> None:
+    """Raw-bytes header reading and the linear fast view give pydicom's numbers."""
+    from xcam_assets.ingest import dicom
+
+    paths = [*good_corpus.values(), *(p for p in (SIIM, RG1_UNCR, FAKE_MONO1) if p.exists())]
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        fast = dicom.header_from_dataset(ds)
+        slow = pydicom.dcmread(path)
+        for key, kw in {**dicom._STR_FIELDS, **dicom._INT_FIELDS}.items():
+            conv = dicom._str_or_none if key in dicom._STR_FIELDS else dicom._int_or_none
+            assert fast[key] == conv(slow.get(kw)), (path.name, key)
+        for key, (kw, default) in dicom._FLOAT_FIELDS.items():
+            assert fast[key] == dicom._float_or(slow.get(kw), default), (path.name, key)
+        stored = ds.pixel_array[::2, ::2]
+        view, problem = dicom._linear_view(stored, ds, fast)
+        assert problem is None
+        if view is not None:
+            full = dicom._to_unit(stored, ds, path.name)
+            assert photometric_score(view) == pytest.approx(photometric_score(full), abs=1e-4)

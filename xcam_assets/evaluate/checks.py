@@ -1,20 +1,40 @@
-"""Blocking check of metric_tables: ranges and one row per key (GE suite)."""
+"""Blocking check of metric_tables: per-metric ranges, known metrics, one row per key
+(GE suite `resources/expectations/metric_table.yaml`), and the expected coverage."""
 
 import dagster as dg
 import polars as pl
 
 from xcam_assets.evaluate.assets import metric_tables
 from xcam_assets.expectations import validate_frame
-from xcam_assets.ingest.checks import ge_result, suite
+from xcam_assets.ingest.checks import suite
 from xcam_assets.resources import XcamConfig
+
+KEY = ["architecture", "cam_method", "finding", "metric"]
 
 
 @dg.asset_check(asset=metric_tables, blocking=True)
 def metrics_in_range(xcam: XcamConfig) -> dg.AssetCheckResult:
     s = xcam.settings()
-    frame = pl.read_parquet(s.metrics_dir / "metric_table.parquet")
-    bounded = frame.with_columns(pl.col("cam_method").fill_null("-")).filter(
-        pl.col("value").is_not_nan())
+    frame = pl.read_parquet(s.metrics_dir / "metric_table.parquet").with_columns(
+        pl.col("cam_method").fill_null("-"))
+    bounded = frame.filter(pl.col("value").is_not_nan())
     outcome = validate_frame(bounded, suite(s, "metric_table"))
-    n_nan = frame.height - bounded.height
-    return ge_result(outcome, n_nan_values=n_nan)
+    problems = [] if outcome.success else [outcome.summary()]
+    duplicated = frame.group_by(KEY).len().filter(pl.col("len") > 1)
+    if duplicated.height:
+        problems.append(f"{duplicated.height} duplicated (architecture, method, finding, metric) "
+                        f"keys, e.g. {duplicated.row(0)}")
+    have = set(frame["architecture"].unique().to_list())
+    missing = [a for a in s.architectures if a not in have]
+    if missing:
+        problems.append(f"no rows for architecture(s) {missing}")
+    bad_nan = frame.filter(pl.col("value").is_nan() & pl.col("cam_method").ne("-"))
+    if bad_nan.height:
+        problems.append(f"{bad_nan.height} heatmap metric rows with a nan value")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or outcome.summary(),
+        metadata={"suite": outcome.suite, "n_rows": frame.height,
+                  "failures": dg.MetadataValue.json(outcome.failures),
+                  "n_nan_values": frame.height - bounded.height,
+                  "metrics": sorted(frame["metric"].unique().to_list())})

@@ -27,10 +27,12 @@ from scipy import stats
 __all__ = [
     "CONFUSION_METRICS",
     "bootstrap_ci",
+    "bootstrap_mean_ci",
     "confusion_counts",
     "confusion_metrics",
     "diagnostic_rows",
     "gmean_threshold",
+    "macro_diagnostic_rows",
     "roc_auc",
     "t_confidence_interval",
 ]
@@ -256,6 +258,24 @@ def bootstrap_ci(
     return _percentile_interval(values, alpha)
 
 
+def bootstrap_mean_ci(
+    values: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-image values, vectorised.
+
+    Same definition, resamples and result as ``bootstrap_ci(np.mean, values, ...)`` (Efron &
+    Tibshirani 1993), computed as one gather per chunk of resamples instead of a Python call
+    per resample. ``values`` must be finite (drop undefined per-image values first).
+    """
+    _check_boot_args(n_boot, alpha)
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = arr.shape[0]
+    if n == 0 or n_boot == 0:
+        return float("nan"), float("nan")
+    means = np.concatenate([arr[idx].mean(axis=1) for idx in _resample_indices(n, n_boot, seed)])
+    return _percentile_interval(means, alpha)
+
+
 def diagnostic_rows(
     y_true: ArrayLike,
     scores: ArrayLike,
@@ -303,6 +323,73 @@ def diagnostic_rows(
         rows.append(
             {"metric": metric, "value": point[metric], "ci_low": low, "ci_high": high, "n": n}
         )
+    return rows
+
+
+def macro_diagnostic_rows(
+    y_true: ArrayLike,
+    scores: ArrayLike,
+    thresholds: ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Macro-averaged diagnostic metrics of a multi-label model, with bootstrap CIs.
+
+    Definition: for ``F`` findings (columns of ``y_true`` / ``scores``, each with its own
+    decision threshold), each metric of :func:`diagnostic_rows` is computed per finding and
+    averaged with equal weight over the findings where it is defined (``nanmean``; the
+    usual "macro average" of per-class reports, e.g. scikit-learn's
+    ``classification_report``). The CI resamples **images** (rows), jointly for all
+    findings, from the same seeded stream as :func:`diagnostic_rows`, and takes percentiles
+    of the macro average. ``n`` is the number of images. Rows in the order of
+    :func:`diagnostic_rows`.
+    """
+    _check_boot_args(n_boot, alpha)
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    thr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if y.ndim != 2 or s.shape != y.shape or thr.shape[0] != y.shape[1]:
+        raise ValueError("y_true and scores must be (N, F) with one threshold per finding")
+    cols = [_as_binary(y[:, f], "y_true") for f in range(y.shape[1])]
+    ys = np.stack(cols, axis=1) if cols else y.astype(bool)
+    n, n_f = ys.shape
+    pred = s >= thr[None, :]
+    point: dict[str, list[float]] = {m: [] for m in (*CONFUSION_METRICS, "auc")}
+    for f in range(n_f):
+        cm = confusion_metrics(ys[:, f], pred[:, f])
+        for m in CONFUSION_METRICS:
+            point[m].append(cm[m])
+        point["auc"].append(roc_auc(ys[:, f], s[:, f]) if n else float("nan"))
+    boot: dict[str, list[np.ndarray]] = {k: [] for k in point}
+    if n and n_boot:
+        for idx in _resample_indices(n, n_boot, seed):
+            per: dict[str, list[np.ndarray]] = {k: [] for k in point}
+            for f in range(n_f):
+                yb, pb = ys[:, f][idx], pred[:, f][idx]
+                tp = np.sum(yb & pb, axis=1).astype(np.float64)
+                fp = np.sum(~yb & pb, axis=1).astype(np.float64)
+                tn = np.sum(~yb & ~pb, axis=1).astype(np.float64)
+                fn = np.sum(yb & ~pb, axis=1).astype(np.float64)
+                for key, val in _metrics_from_counts(tp, fp, tn, fn).items():
+                    per[key].append(val)
+                ranks = stats.rankdata(s[:, f][idx], method="average", axis=1)
+                per["auc"].append(_auc_from_ranks(ranks, yb))
+            for key, vals in per.items():
+                stacked = np.stack(vals, axis=0)
+                with np.errstate(invalid="ignore"):
+                    counts = np.sum(~np.isnan(stacked), axis=0)
+                    sums = np.nansum(stacked, axis=0)
+                boot[key].append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+    rows: list[dict[str, Any]] = []
+    for metric in (*CONFUSION_METRICS, "auc"):
+        vals = np.asarray(point[metric], dtype=np.float64)
+        value = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else float("nan")
+        if boot[metric]:
+            low, high = _percentile_interval(np.concatenate(boot[metric]), alpha)
+        else:
+            low, high = float("nan"), float("nan")
+        rows.append({"metric": metric, "value": value, "ci_low": low, "ci_high": high, "n": n})
     return rows
 
 

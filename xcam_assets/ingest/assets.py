@@ -1,14 +1,15 @@
 """Ingest stage: arrival batch -> immutable raw copy -> inventory -> findings -> splits."""
 
 import shutil
+import time
 
 import dagster as dg
 import polars as pl
 
-from xcam_assets.hashing import atomic_path, atomic_write_parquet, combine_hashes, sha256_file
-from xcam_assets.ingest.cohorts import patient_split
+from xcam_assets.hashing import atomic_path, atomic_write_parquet, dvc_data_version, sha256_file
+from xcam_assets.ingest.cohorts import balanced_subset, patient_split, split_summary
 from xcam_assets.ingest.deid import pseudonym_key
-from xcam_assets.ingest.inventory import inventory_rows
+from xcam_assets.ingest.inventory import IngestPolicy, KnownImages, inventory_rows
 from xcam_assets.ingest.labels import read_batch_labels
 from xcam_assets.resources import XcamConfig, batch_partitions
 
@@ -53,37 +54,52 @@ def raw_dicoms(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Materi
         metadata={"n_files": len(listing), "copied": copied, "unchanged": unchanged,
                   "conflicts": conflicts, "path": dg.MetadataValue.path(str(dst)),
                   "bytes": sum((dst / f).stat().st_size for f, _ in listing)},
-        data_version=dg.DataVersion(combine_hashes(listing)),
+        data_version=dg.DataVersion(dvc_data_version(dst)),
     )
 
 
-@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="1",
+def ingest_policy(s) -> IngestPolicy:
+    """The cohort's admission rules from resources/params.yaml (`cohort:`)."""
+    return IngestPolicy.from_params(s.params["cohort"])
+
+
+@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="2",
           deps=[raw_dicoms], kinds={"polars"})
 def dicom_inventory(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
-    """One row per file of the batch: pseudonymous keys, header facts, sha256, status."""
+    """One row per file of the batch: pseudonymous keys, header facts, sha256, status.
+
+    Reads, hashes and decodes only this batch's files (once each); other batches are
+    consulted through their inventory tables only (duplicate SOP Instance UIDs)."""
     s = xcam.settings()
     batch = context.partition_key
-    others = [p for p in s.inventory_dir.glob("*.parquet") if p.stem != batch]
-    known = set()
-    for p in others:
-        known |= set(pl.read_parquet(p, columns=["image_key", "status"])
-                     .filter(pl.col("status") == "ok")["image_key"].to_list())
-    frame = inventory_rows(s.raw_dir / batch, batch, pseudonym_key(s.root),
-                           s.params["cohort"]["modalities"], s.params["cohort"]["body_parts"],
-                           known_sop_keys=known)
+    others = [pl.read_parquet(p, columns=["image_key", "batch", "file", "sha256", "status"])
+              for p in sorted(s.inventory_dir.glob("*.parquet")) if p.stem != batch]
+    started = time.perf_counter()
+    frame = inventory_rows(s.raw_dir / batch, batch, pseudonym_key(s.root), ingest_policy(s),
+                           known=KnownImages.from_inventories(others))
+    seconds = time.perf_counter() - started
     out = s.inventory_dir / f"{batch}.parquet"
     atomic_write_parquet(out, frame)
     quarantined = frame.filter(pl.col("status") == "quarantined")
     for row in quarantined.iter_rows(named=True):
         context.log.warning(f"quarantined {batch}/{row['file']}: {row['reason']}")
+    by_reason = (quarantined.with_columns(pl.col("reason").str.split(":").list.first()
+                                          .alias("kind"))
+                 .group_by("kind").len().sort("kind"))
     return dg.MaterializeResult(
         metadata={"n_files": frame.height, "n_ok": frame.height - quarantined.height,
                   "n_quarantined": quarantined.height,
+                  "files_read_and_decoded": frame.height,
+                  "seconds": round(seconds, 3),
+                  "files_per_s": round(frame.height / max(seconds, 1e-9), 1),
                   "quarantine": dg.MetadataValue.md(
                       quarantined.select("file", "reason").to_pandas().to_markdown(index=False)
                       if quarantined.height else "none"),
+                  "quarantine_kinds": dg.MetadataValue.json(
+                      dict(zip(by_reason["kind"], by_reason["len"], strict=True))),
+                  "key_id": frame["key_id"][0] if frame.height else None,
                   "path": dg.MetadataValue.path(str(out))},
-        data_version=dg.DataVersion(sha256_file(out)),
+        data_version=dg.DataVersion(dvc_data_version(out)),
     )
 
 
@@ -120,51 +136,76 @@ def findings(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Material
                   "per_finding": dg.MetadataValue.md(counts.to_pandas().to_markdown(index=False)),
                   "n_missing_image": frame.filter(pl.col("status") == "missing_image").height,
                   "path": dg.MetadataValue.path(str(out))},
-        data_version=dg.DataVersion(sha256_file(out)),
+        data_version=dg.DataVersion(dvc_data_version(out)),
     )
 
 
-def image_labels(s) -> pl.DataFrame:
-    """Every ingested image with a 0/1 label per configured finding (union of batches)."""
+def union_inventory(s) -> pl.DataFrame:
+    """The inventory of every batch (one parquet per batch partition), concatenated."""
     inv_paths = sorted(s.inventory_dir.glob("*.parquet"))
     if not inv_paths:
         raise FileNotFoundError(f"no inventory under {s.inventory_dir}")
-    inv = pl.concat([pl.read_parquet(p) for p in inv_paths]).filter(pl.col("status") == "ok")
+    return pl.concat([pl.read_parquet(p) for p in inv_paths], how="diagonal_relaxed")
+
+
+def image_labels(s) -> tuple[pl.DataFrame, dict[str, list[str]]]:
+    """Every ingested image with a 0/1 label per configured finding (union of batches),
+    and per finding the image keys that have **no** label row for it: an
+    absent label is unknown, not negative. `labelled`: a label row for any finding."""
+    inv = union_inventory(s).filter(pl.col("status") == "ok")
     fnd = pl.concat([pl.read_parquet(p) for p in sorted(s.findings_dir.glob("*.parquet"))],
                     how="diagonal_relaxed").filter(pl.col("status") == "ok")
-    frame = inv.select("image_key", "patient_key", "batch")
+    frame = inv.select("image_key", "patient_key", "batch", "file")
+    missing: dict[str, list[str]] = {}
     for finding in s.findings:
-        pos = (fnd.filter((pl.col("finding") == finding) & pl.col("present"))
-               .select("image_key").unique().with_columns(pl.lit(1).alias(f"y_{finding}")))
+        rows = fnd.filter(pl.col("finding") == finding)
+        pos = (rows.filter(pl.col("present")).select("image_key").unique()
+               .with_columns(pl.lit(1).alias(f"y_{finding}")))
         frame = frame.join(pos, on="image_key", how="left").with_columns(
             pl.col(f"y_{finding}").fill_null(0).cast(pl.Int8))
+        has = set(rows["image_key"].to_list())
+        missing[finding] = [k for k in frame["image_key"].to_list() if k not in has]
     labelled = set(fnd["image_key"].to_list())
-    return frame.with_columns(pl.col("image_key").is_in(list(labelled)).alias("labelled"))
+    frame = frame.with_columns(pl.col("image_key").is_in(list(labelled)).alias("labelled"))
+    return frame, missing
 
 
-@dg.asset(group_name=GROUP, code_version="1",
+@dg.asset(group_name=GROUP, code_version="2",
           deps=[dg.AssetDep(findings, partition_mapping=dg.AllPartitionMapping())],
           kinds={"polars"})
 def cohort_splits(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
-    """Patient-level train/val/test split of every labelled, ingested image."""
+    """Patient-level train/val/test split of every labelled, ingested image, stratified
+    by finding and seeded; optionally a balanced subset first (`splits.balanced`)."""
     s = xcam.settings()
-    frame = image_labels(s)
+    frame, missing = image_labels(s)
     unlabelled = frame.filter(~pl.col("labelled")).height
+    in_split = set(frame.filter(pl.col("labelled"))["image_key"].to_list())
+    missing = {f: [k for k in keys if k in in_split] for f, keys in missing.items()}
     frame = frame.filter(pl.col("labelled")).drop("labelled")
     ycols = [f"y_{f}" for f in s.findings]
-    frame = frame.with_columns(pl.max_horizontal(ycols).alias("stratum"))
-    split = patient_split(frame, s.params["splits"]["val"], s.params["splits"]["test"], s.seed)
-    split = split.drop("stratum").sort("image_key")
+    sp = s.params["splits"]
+    if sp.get("balanced"):
+        before = frame.height
+        frame = balanced_subset(frame, ycols[0], s.seed, sp.get("max_images"))
+        context.log.info(f"balanced subset on {ycols[0]}: {frame.height} of {before} images")
+    split = patient_split(frame, sp["val"], sp["test"], s.seed, ycols=ycols)
+    split = split.drop("file").sort("image_key")
     atomic_write_parquet(s.splits_path, split)
-    summary = (split.group_by("split").agg(pl.len().alias("images"),
-                                           pl.col("patient_key").n_unique().alias("patients"),
-                                           *[pl.col(c).sum().alias(c) for c in ycols])
-               .sort("split"))
+    summary = split_summary(split, ycols)
     if unlabelled:
         context.log.warning(f"{unlabelled} ingested image(s) have no label row and are left out")
+    counts = {r["split"]: {k: v for k, v in r.items() if k != "split"}
+              for r in summary.iter_rows(named=True)}
     return dg.MaterializeResult(
         metadata={"summary": dg.MetadataValue.md(summary.to_pandas().to_markdown(index=False)),
-                  "n_images": split.height, "unlabelled_left_out": unlabelled,
+                  "split_sizes": dg.MetadataValue.json(
+                      {k: v["images"] for k, v in counts.items()}),
+                  "class_counts": dg.MetadataValue.json(counts),
+                  "n_images": split.height, "n_patients": split["patient_key"].n_unique(),
+                  "unlabelled_left_out": unlabelled,
+                  "images_without_label_for": dg.MetadataValue.json(
+                      {f: len(v) for f, v in missing.items()}),
+                  "balanced": bool(sp.get("balanced")),
                   "path": dg.MetadataValue.path(str(s.splits_path))},
-        data_version=dg.DataVersion(sha256_file(s.splits_path)),
+        data_version=dg.DataVersion(dvc_data_version(s.splits_path.parent)),
     )

@@ -5,8 +5,14 @@ import polars as pl
 
 from xcam_assets.expectations import validate_frame
 from xcam_assets.hashing import sha256_file
-from xcam_assets.ingest.assets import cohort_splits, dicom_inventory, findings, raw_dicoms
-from xcam_assets.ingest.cohorts import leaking_patients
+from xcam_assets.ingest.assets import (
+    cohort_splits,
+    dicom_inventory,
+    findings,
+    image_labels,
+    raw_dicoms,
+)
+from xcam_assets.ingest.cohorts import leaking_patients, split_problems, split_summary
 from xcam_assets.resources import XcamConfig, batch_partitions
 
 
@@ -48,18 +54,45 @@ def raw_copy_is_faithful(context: dg.AssetCheckExecutionContext,
 @dg.asset_check(asset=dicom_inventory, blocking=True, partitions_def=batch_partitions)
 def inventory_is_usable(context: dg.AssetCheckExecutionContext,
                         xcam: XcamConfig) -> dg.AssetCheckResult:
-    """GE suite `inventory` + at least one good file in the batch."""
+    """GE suite `inventory` + what would poison training, naming the files: no good file
+    at all, a study whose images name two patients (patient IDs cannot be trusted for
+    the patient-level split), a pseudonym key other than the other batches' (patient
+    keys would not link across batches). Quarantined files alone never fail it."""
     s = xcam.settings()
-    frame = pl.read_parquet(s.inventory_dir / f"{context.partition_key}.parquet")
+    batch = context.partition_key
+    frame = pl.read_parquet(s.inventory_dir / f"{batch}.parquet")
     outcome = validate_frame(frame, suite(s, "inventory"))
-    n_ok = frame.filter(pl.col("status") == "ok").height
-    if n_ok == 0:
+    ok = frame.filter(pl.col("status") == "ok")
+    if ok.height == 0:
         outcome.success = False
         outcome.failures.append({"expectation": "at least one ingestible file", "column": "status",
                                  "unexpected_count": frame.height,
                                  "examples": [f"{r['file']}: {r['reason']}"
                                               for r in frame.head(5).iter_rows(named=True)]})
-    return ge_result(outcome, n_ok=n_ok)
+    mixed = (ok.filter(pl.col("study_key").is_not_null())
+             .group_by("study_key").agg(pl.col("patient_key").n_unique().alias("n"),
+                                        pl.col("file").sort())
+             .filter(pl.col("n") > 1).sort("study_key"))
+    if mixed.height:
+        outcome.success = False
+        outcome.failures.append({"expectation": "one patient per study", "column": "patient_key",
+                                 "unexpected_count": mixed.height,
+                                 "examples": [f"one study, {r['n']} Patient IDs: {r['file'][:5]}"
+                                              for r in mixed.head(5).iter_rows(named=True)]})
+    keys = set(frame["key_id"].drop_nulls().to_list())
+    other_keys = set()
+    for p in sorted(s.inventory_dir.glob("*.parquet")):
+        if p.stem != batch and "key_id" in pl.read_parquet_schema(p):
+            other_keys |= set(pl.read_parquet(p, columns=["key_id"])["key_id"].drop_nulls()
+                              .to_list())
+    if len(keys) > 1 or (keys and other_keys and keys != other_keys):
+        outcome.success = False
+        outcome.failures.append({
+            "expectation": "one pseudonym key for every batch", "column": "key_id",
+            "unexpected_count": frame.height,
+            "examples": [f"batch {batch} key {sorted(keys)}, other batches {sorted(other_keys)}: "
+                         "set XCAM_PSEUDONYM_KEY (or the key file) back and re-run"]})
+    return ge_result(outcome, n_ok=ok.height, n_quarantined=frame.height - ok.height)
 
 
 @dg.asset_check(asset=findings, blocking=True, partitions_def=batch_partitions)
@@ -100,21 +133,23 @@ def labels_match_images(context: dg.AssetCheckExecutionContext,
 
 @dg.asset_check(asset=cohort_splits, blocking=True)
 def splits_do_not_leak(xcam: XcamConfig) -> dg.AssetCheckResult:
-    """GE suite `cohort_splits` + zero patients in two splits + positives in train and test."""
+    """GE suite `cohort_splits` + zero patients in two splits + every image labelled for
+    every finding + both classes in train and test and each split's class ratio within
+    `splits.max_ratio_gap` of the cohort's (see cohorts.split_problems)."""
     s = xcam.settings()
     frame = pl.read_parquet(s.splits_path)
     outcome = validate_frame(frame, suite(s, "cohort_splits"))
-    leaks = leaking_patients(frame)
-    if leaks:
+    labels, missing = image_labels(s)
+    where = {k: f"{b}/{f}" for k, b, f in labels.select("image_key", "batch", "file").iter_rows()}
+    keys = set(frame["image_key"].to_list())
+    coverage = {f: [where.get(k, k) for k in ks if k in keys] for f, ks in missing.items()}
+    ycols = [f"y_{f}" for f in s.findings]
+    problems = split_problems(frame, ycols, float(s.params["splits"].get("max_ratio_gap", 1.0)),
+                              coverage)
+    if problems:
         outcome.success = False
-        outcome.failures.append({"expectation": "no patient in two splits", "column": "patient_key",
-                                 "unexpected_count": len(leaks), "examples": leaks[:5]})
-    for finding in s.findings:
-        for split in ("train", "test"):
-            part = frame.filter(pl.col("split") == split)[f"y_{finding}"]
-            if part.len() and part.sum() in (0, part.len()):
-                outcome.success = False
-                outcome.failures.append({"expectation": "both classes present",
-                                         "column": f"y_{finding}", "unexpected_count": part.len(),
-                                         "examples": [f"{split} has one class only"]})
-    return ge_result(outcome, leaking_patients=len(leaks))
+        outcome.failures.extend(problems)
+    return ge_result(outcome, leaking_patients=len(leaking_patients(frame)),
+                     splits=dg.MetadataValue.json(
+                         {r["split"]: r["images"] for r in
+                          split_summary(frame, ycols).iter_rows(named=True)}))

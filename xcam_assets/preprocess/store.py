@@ -9,36 +9,13 @@ size and sha256, so a shard without a matching manifest is never read as valid.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from xcam_assets.hashing import atomic_path, atomic_write_parquet, sha256_file
-
-SHARDS = ("images.npy", "regions.npy")
-
-
-def write_batch_tensors(
-    out_dir: Path, images: np.ndarray, regions: np.ndarray, manifest: pl.DataFrame
-) -> pl.DataFrame:
-    """Write shards then the manifest (with shard hashes) atomically; return the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shard_info = {}
-    for name, array in zip(SHARDS, (images, regions), strict=True):
-        with atomic_path(out_dir / name, suffix=".npy") as tmp:
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(array))
-            tmp.write_bytes(buf.getvalue())
-        shard_info[name] = sha256_file(out_dir / name)
-    manifest = manifest.with_columns(
-        pl.lit(shard_info["images.npy"]).alias("images_sha256"),
-        pl.lit(shard_info["regions.npy"]).alias("regions_sha256"),
-    )
-    atomic_write_parquet(out_dir / "manifest.parquet", manifest)
-    return manifest
+from xcam_assets.hashing import sha256_file
 
 
 @dataclass

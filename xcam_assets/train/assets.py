@@ -1,20 +1,22 @@
-"""Train stage: one checkpoint per architecture partition."""
+"""Train stage: one checkpoint per architecture partition (every zoo entry is a partition;
+`xcam materialize train` runs the active profile's `architectures`)."""
+
+import math
 
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 
-from xcam_assets.evaluate.diagnostic import roc_auc
-from xcam_assets.hashing import combine_hashes, sha256_file
+from xcam_assets.hashing import combine_hashes, dvc_data_version, sha256_file
 from xcam_assets.ingest.assets import cohort_splits
 from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.store import load_tensor_set
 from xcam_assets.provenance import environment, git_commit, package_versions
 from xcam_assets.resources import XcamConfig, architecture_partitions
 from xcam_assets.train.checkpoint import save_checkpoint
-from xcam_assets.train.loop import predict_logits, train_classifier
-from xcam_assets.train.zoo import build_model, pick_device, state_dict_hash
+from xcam_assets.train.fit import FitOutcome, fit_architecture, seeds_for
+from xcam_assets.train.recipes import Recipe, recipe_from_profile
+from xcam_assets.train.zoo import pick_device, resolve_pretrained, zoo_entry
 
 GROUP = "train"
 arch_partitions = architecture_partitions()
@@ -34,72 +36,142 @@ def tensors_version(s) -> str:
                           for p in s.tensors_dir.glob("*/manifest.parquet"))
 
 
-def model_card(arch: str, s, history: list[dict], val_auc: float, n: dict[str, int]) -> str:
-    best = min(history, key=lambda r: r["val_loss"])
+def _finite(d: dict) -> dict:
+    """NaN -> None (JSON metadata has no NaN)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+
+def _fmt_ci(summary: dict) -> str:
+    m = summary
+    if m["n"] < 2:
+        return f"{m['mean']:.3f} (one seed: no CI)"
+    return f"{m['mean']:.3f} (95% t-CI {m['ci_low']:.3f} to {m['ci_high']:.3f}, {m['n']} seeds)"
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    parts = []
+    for p in recipe.phases:
+        what = "head only (backbone frozen)" if p.freeze_backbone else "all layers"
+        sched = {"constant": "constant LR",
+                 "plateau": (f"LR x{p.plateau_factor:g} after {p.plateau_patience} epochs without "
+                             f"val-loss improvement, stop after reduction "
+                             f"{p.stop_after_reductions}"),
+                 "one_cycle": "one-cycle LR"}[p.schedule]
+        parts.append(f"phase `{p.name}`: {what}, {p.optimizer} lr {p.lr:g} wd {p.weight_decay:g}, "
+                     f"{sched}, at most {p.epochs} epochs")
+    aug = recipe.augment
+    augs = (f"rotation +-{aug.rotation_deg:g} deg, hflip {aug.hflip}, vflip {aug.vflip}, "
+            f"noise sd {aug.noise_std:g}" if aug.enabled else "none")
+    return (f"recipe `{recipe.name}`; " + "; ".join(parts)
+            + f". Class balance: {recipe.balance}. Augmentation: {augs}.")
+
+
+def model_card(arch: str, s, outcome: FitOutcome, recipe: Recipe, pretrained: str | None,
+               n: dict[str, int]) -> str:
+    entry = s.zoo[arch]
+    run = outcome.primary
+    init = f"pretrained weights `{pretrained}`" if pretrained else "from scratch (random init)"
     return f"""# Model card: {arch} ({', '.join(s.findings)})
 
 **Intended use**: research on explainable chest X-ray classification with xcam;
 heatmap-trust evaluation. Not a medical device; not for clinical decisions.
 
+**Model**: `{entry.get('builder', 'timm')}` / timm `{entry['timm_name']}`, {len(s.findings)}
+sigmoid output(s) (multi-label BCE), 1 input channel, {init}. CAM target
+`{entry['target_layer']}`{'; own class maps (`pylon` CAM method)' if entry.get('builder') == 'pylon' else ''}.
+
 **Data**: cohort under `{s.data_dir.name}/` (profile `{s.profile_name}`), patient-level
-splits: train {n['train']} / val {n['val']} images. Input {s.image_size} px, 1 channel,
-CLAHE clip {s.clahe['clip_limit']} tiles {s.clahe['tile_grid']}.
+splits: train {n['train']} / val {n['val']} images. Input {s.image_size} px, CLAHE clip
+{s.clahe['clip_limit']} tiles {s.clahe['tile_grid']}.
 
-**Training**: timm `{s.zoo[arch]['timm_name']}` from scratch, AdamW lr {s.profile['lr']},
-{s.profile['epochs']} epochs, batch {s.profile['batch_size']}, seed {s.seed};
-best epoch {best['epoch']} by validation loss.
+**Training**: {describe_recipe(recipe)} Batch {s.profile['batch_size']}; seeds
+{', '.join(str(r.seed) for r in outcome.runs)}; this checkpoint: seed {run.seed}
+(lowest validation loss), best epoch {run.best_epoch} of {len(run.history)}.
 
-**Performance (validation)**: AUC {val_auc:.3f} (test-split metrics with bootstrap CIs
-are in `metric_tables`).
+**Performance (validation)**: AUC {run.val_auc:.3f} for this checkpoint; over seeds
+{_fmt_ci(outcome.summary['val_auc'])}. Test-split metrics with bootstrap CIs are in
+`metric_tables`.
 
-**Limitations**: small cohort; the embedded demo cohort is synthetic; heatmaps must be
-judged with the localization and faithfulness metrics before trusting them.
+**Limitations**: small cohorts give wide intervals; the embedded demo cohort is synthetic;
+heatmaps must be judged with the localization and faithfulness metrics before trusting them.
 """
 
 
-@dg.asset(partitions_def=arch_partitions, group_name=GROUP, code_version="1",
+@dg.asset(partitions_def=arch_partitions, group_name=GROUP, code_version="2",
           deps=[cohort_splits, dg.AssetDep(clahe_tensors, partition_mapping=dg.AllPartitionMapping())],
           kinds={"pytorch"})
 def checkpoints(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
-    """A timm classifier trained on the train split; best weights by validation loss.
+    """A classifier of the zoo trained on the train split by the profile's recipe, once per
+    seed; the lowest-val-loss seed is the checkpoint (best epoch by validation loss).
 
-    Saved as safetensors + JSON sidecar (provenance) + markdown model card."""
+    Saved as safetensors + JSON sidecar (provenance) + markdown model card. Resumes an
+    interrupted run from its last completed epoch."""
     s = xcam.settings()
     arch = context.partition_key
     prof = s.profile
+    entry = zoo_entry(arch, s.zoo)
+    recipe = recipe_from_profile(prof)
+    seeds = seeds_for(prof, s.seed)
+    pretrained = resolve_pretrained(arch, s.zoo, pretrained=bool(prof.get("pretrained", False)),
+                                    pretrained_file=prof.get("pretrained_file"),
+                                    pretrained_dir=prof.get("pretrained_dir"), root=s.root)
     _, x_tr, y_tr, _ = split_arrays(s, "train")
     _, x_va, y_va, _ = split_arrays(s, "val")
     device = pick_device()
-    torch.manual_seed(s.seed)
-    model = build_model(arch, s.zoo, n_classes=len(s.findings),
-                        pretrained_file=prof.get("pretrained_file"))
-    context.log.info(f"training {arch} on {device}: {len(x_tr)} train / {len(x_va)} val images")
-    result = train_classifier(model, x_tr, y_tr, x_va, y_va, epochs=int(prof["epochs"]),
-                              batch_size=int(prof["batch_size"]), lr=float(prof["lr"]),
-                              seed=s.seed, log=context.log.info, device=device)
-    logits = predict_logits(model, x_va, device=device)
-    val_auc = float(np.nanmean([roc_auc(y_va[:, k], logits[:, k])
-                                for k in range(y_va.shape[1])]))
-    weights_hash = state_dict_hash(model)
+    data_versions = {"clahe_tensors": tensors_version(s),
+                     "cohort_splits": sha256_file(s.splits_path)}
+    base_fp = {"architecture": arch, "zoo_entry": entry, "recipe": recipe.to_dict(),
+               "batch_size": int(prof["batch_size"]), "image_size": s.image_size,
+               "findings": s.findings, "data_versions": data_versions,
+               "pretrained": sha256_file(pretrained) if pretrained else None}
+    context.log.info(f"training {arch} on {device}: {len(x_tr)} train / {len(x_va)} val images, "
+                     f"recipe {recipe.name}, seeds {seeds}, "
+                     f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
+    out = s.checkpoints_dir / arch
+    outcome = fit_architecture(
+        arch, s.zoo, len(s.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
+        batch_size=int(prof["batch_size"]), seeds=seeds, image_size=s.image_size, out_dir=out,
+        device=device, base_fingerprint=base_fp, pretrained_file=pretrained,
+        resume=bool(prof.get("resume", True)), deterministic=bool(prof.get("deterministic", False)),
+        log=context.log.info)
+    run = outcome.primary
     sidecar = {
-        "architecture": arch, "timm_name": s.zoo[arch]["timm_name"], "findings": s.findings,
-        "profile": s.profile_name, "parameters": prof, "clahe": s.clahe, "seed": s.seed,
-        "image_size": s.image_size, "in_chans": 1, "best_epoch": result.best_epoch,
-        "history": result.history, "val_auc": val_auc, "weights_sha256": weights_hash,
-        "data_versions": {"clahe_tensors": tensors_version(s),
-                          "cohort_splits": sha256_file(s.splits_path)},
+        "architecture": arch, "timm_name": entry["timm_name"],
+        "builder": entry.get("builder", "timm"), "findings": s.findings,
+        "profile": s.profile_name, "parameters": prof, "recipe": recipe.to_dict(),
+        "clahe": s.clahe, "seed": run.seed, "seeds": [r.seed for r in outcome.runs],
+        "seed_runs": [{"seed": r.seed, "val_auc": r.val_auc, "val_loss": r.val_loss,
+                       "best_epoch": r.best_epoch, "weights_sha256": r.weights_sha256,
+                       "resumed_from_epoch": r.resumed_from_epoch, "reused": r.reused}
+                      for r in outcome.runs],
+        "seed_summary": outcome.summary,
+        "image_size": s.image_size, "in_chans": int(entry.get("in_chans", 1)),
+        "target_layer": entry["target_layer"],
+        "reshape_transform": entry.get("reshape_transform"),
+        "class_maps": entry.get("builder") == "pylon",
+        "pretrained": ({"file": str(pretrained), "sha256": base_fp["pretrained"]}
+                       if pretrained else None),
+        "best_epoch": run.best_epoch, "history": run.history, "val_auc": run.val_auc,
+        "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
+        "weights_sha256": run.weights_sha256, "data_versions": data_versions,
         "git_commit": git_commit(s.root), "packages": package_versions(),
         "environment": environment(), "device": str(device),
     }
-    card = model_card(arch, s, result.history, val_auc, {"train": len(x_tr), "val": len(x_va)})
-    out = s.checkpoints_dir / arch
-    save_checkpoint(out, model.cpu(), sidecar, card)
+    card = model_card(arch, s, outcome, recipe, str(pretrained) if pretrained else None,
+                      {"train": len(x_tr), "val": len(x_va)})
+    save_checkpoint(out, outcome.model, sidecar, card)
+    seed_table = pl.DataFrame([{k: v for k, v in r.items() if k != "weights_sha256"}
+                               for r in sidecar["seed_runs"]]).to_pandas()
     return dg.MaterializeResult(
-        metadata={"val_auc": val_auc, "best_epoch": result.best_epoch,
-                  "weights_sha256": weights_hash,
+        metadata={"val_auc": run.val_auc, "best_epoch": run.best_epoch, "seed": run.seed,
+                  "recipe": recipe.name, "n_seeds": len(seeds),
+                  "val_auc_mean": outcome.summary["val_auc"]["mean"],
+                  "val_auc_ci": dg.MetadataValue.json(_finite(outcome.summary["val_auc"])),
+                  "weights_sha256": run.weights_sha256,
                   "history": dg.MetadataValue.md(
-                      pl.DataFrame(result.history).to_pandas().to_markdown(index=False)),
+                      pl.DataFrame(run.history).to_pandas().to_markdown(index=False)),
+                  "seeds": dg.MetadataValue.md(seed_table.to_markdown(index=False)),
                   "model_card": dg.MetadataValue.md(card),
                   "path": dg.MetadataValue.path(str(out))},
-        data_version=dg.DataVersion(sha256_file(out / "model.safetensors")),
+        data_version=dg.DataVersion(dvc_data_version(out)),
     )

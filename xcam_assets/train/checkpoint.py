@@ -1,4 +1,9 @@
-"""Checkpoint = safetensors weights + JSON sidecar + markdown model card."""
+"""Checkpoint = safetensors weights + JSON sidecar (provenance) + markdown model card.
+
+Each file is written atomically and the sidecar last. A crash between the files can
+leave new weights beside the previous sidecar; the sidecar's `weights_sha256` exposes
+that, and the blocking check compares it with the weights it loads.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,58 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xcam_assets.hashing import atomic_path, atomic_write_json, atomic_write_text
+from xcam_assets.train.zoo import build_model
 
 
-def save_checkpoint(out_dir: Path, model: nn.Module, sidecar: dict[str, Any], card: str) -> None:
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(out_dir: Path, model: nn.Module, sidecar: dict[str, Any],
+                    card: str | None = None) -> None:
+    """Weights, then the model card, then the sidecar (the completeness marker)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "model.safetensors", suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"architecture": sidecar.get("architecture", "")})
-    atomic_write_text(out_dir / "model_card.md", card)
-    atomic_write_json(out_dir / "model.json", sidecar)  # written last: marks completeness
+        save_file(state, str(tmp), metadata={"architecture": str(sidecar.get("architecture", ""))})
+    if card is not None:
+        atomic_write_text(out_dir / "model_card.md", card)
+    atomic_write_json(out_dir / "model.json", sidecar)
+
+
+def read_sidecar(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "model.json"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint in {out_dir} (model.json missing): "
+                              "materialize checkpoints for this architecture first")
+    return json.loads(path.read_text())
 
 
 def load_checkpoint(out_dir: Path, model: nn.Module) -> dict[str, Any]:
-    sidecar = json.loads((out_dir / "model.json").read_text())
-    model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+    """Load weights into `model` (eval mode); the sidecar. A shape mismatch (e.g. a ViT
+    built for another image size) is reported with the size the checkpoint needs."""
+    sidecar = read_sidecar(out_dir)
+    try:
+        model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{out_dir}: weights do not fit the model built ({exc.__class__.__name__}); the "
+            f"checkpoint is {sidecar.get('architecture')} for {len(sidecar.get('findings', []))} "
+            f"finding(s) at image_size={sidecar.get('image_size')}: build it with "
+            "build_model(..., n_classes=len(findings), image_size=image_size) or use "
+            "load_model()") from exc
     model.eval()
     return sidecar
+
+
+def load_model(out_dir: Path, zoo: dict[str, dict[str, Any]]) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes (architecture, findings, channels, image
+    size from its sidecar) and load its weights: the way to reload without guessing."""
+    sidecar = read_sidecar(out_dir)
+    model = build_model(sidecar["architecture"], zoo, n_classes=len(sidecar["findings"]),
+                        in_chans=int(sidecar.get("in_chans", 1)),
+                        image_size=sidecar.get("image_size"))
+    return model, load_checkpoint(out_dir, model)
 
 
 def all_finite(model: nn.Module) -> bool:

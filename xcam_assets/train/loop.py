@@ -1,17 +1,26 @@
-"""The training loop: plain PyTorch on in-memory uint8 tensors.
+"""The training loop: plain PyTorch on in-memory uint8 tensors, driven by a Recipe.
 
-CPU here, CUDA when present (AMP, channels_last, pinned host memory,
-non-blocking copies). Best weights by validation loss. Deterministic for a
-seed on the CPU.
+CPU here, CUDA when present: bf16 autocast, channels_last, the uint8 training set moved to
+the GPU once when it fits (else pinned per batch, non-blocking copies), augmentation on
+the device. The data are in memory, so there is no DataLoader (no worker processes to
+feed). Deterministic for a seed on the CPU (random draws come from one CPU generator).
+
+Crash safety: with `resume_path`, the full training state (weights, optimizer, scheduler,
+RNG states, best weights, history, phase/epoch position) is written atomically after every
+epoch; a re-run with the same `fingerprint` continues after the last completed epoch and
+ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,14 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from xcam_assets.evaluate.diagnostic import roc_auc
+from xcam_assets.hashing import atomic_write_bytes
+from xcam_assets.train.recipes import Augment, Phase, Recipe, default_recipe
 
 MEAN, STD = 0.5, 0.25
+RESUME_VERSION = 1
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch; `deterministic` also pins CUDA kernels (slower)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    if deterministic and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -36,25 +53,43 @@ def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_degrees: float = 10.0,
-            noise_std: float = 0.05) -> torch.Tensor:
-    """Random horizontal flip, small rotation and Gaussian noise (the studies' set)."""
+            noise_std: float = 0.05, hflip: bool = True, vflip: bool = False) -> torch.Tensor:
+    """Random horizontal (and optionally vertical) flip, small rotation, Gaussian noise.
+
+    The studies' augmentation set. Random numbers come from the CPU generator `gen` (the
+    same draws on every device), the arithmetic runs on `x`'s device."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(max_degrees)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
-                         torch.stack([sin, cos, torch.zeros(n)], 1)], 1).to(x)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
-    return x + torch.randn(x.shape, generator=gen).to(x) * noise_std
+    if hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    if max_degrees > 0:
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(max_degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
+                             torch.stack([sin, cos, torch.zeros(n)], 1)], 1).to(x)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
+    if noise_std > 0:
+        x = x + torch.randn(x.shape, generator=gen).to(x) * noise_std
+    if vflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-2), x)
+    return x
+
+
+def _augment_with(x: torch.Tensor, gen: torch.Generator, aug: Augment) -> torch.Tensor:
+    if not aug.enabled:
+        return x
+    return augment(x, gen, aug.rotation_deg, aug.noise_std, aug.hflip, aug.vflip)
 
 
 @dataclass
 class TrainResult:
     best_state: dict[str, torch.Tensor]
     best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    resumed_from_epoch: int | None = None
 
 
 def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64,
@@ -74,75 +109,287 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
+# --------------------------------------------------------------------------- class balance
+def positive_weight(y: torch.Tensor) -> torch.Tensor:
+    """BCE pos_weight per finding: #negatives / #positives, clamped to [0.2, 5]."""
+    pos = y.sum(0).clamp(min=1)
+    return ((len(y) - pos) / pos).clamp(0.2, 5.0)
+
+
+def balanced_sample_weights(y: np.ndarray) -> torch.Tensor:
+    """Per-image sampling weight: mean over findings of 1 / (count of its label value).
+
+    One finding: every positive weighs 1/P, every negative 1/N, so a sampled epoch holds
+    positives and negatives in equal expectation."""
+    y = np.asarray(y) > 0.5
+    w = np.zeros(len(y), dtype=np.float64)
+    for k in range(y.shape[1]):
+        n_pos = max(int(y[:, k].sum()), 1)
+        n_neg = max(int((~y[:, k]).sum()), 1)
+        w += np.where(y[:, k], 1.0 / n_pos, 1.0 / n_neg)
+    return torch.as_tensor(w / y.shape[1])
+
+
+# --------------------------------------------------------------------------- freezing
+def _is_head(name: str, heads: list[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def set_trainable(model: nn.Module, heads: list[str] | None, freeze_backbone: bool) -> list:
+    """requires_grad on the head only (frozen backbone) or on everything; the trainables."""
+    if freeze_backbone and not heads:
+        raise ValueError("a frozen-backbone phase needs the zoo entry's `head` modules")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not freeze_backbone or _is_head(name, heads or []))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _freeze_norm_stats(model: nn.Module, heads: list[str]) -> None:
+    """Frozen backbone: its BatchNorm layers use (and keep) their running statistics."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _is_head(name, heads):
+            module.eval()
+
+
+# --------------------------------------------------------------------------- optim / sched
+def make_optimizer(phase: Phase, params: list) -> torch.optim.Optimizer:
+    """Adam/AdamW use the fused kernel (CPU and CUDA): 4x faster than the per-tensor loop
+    torch picks by default on the CPU (resnet18 step 24 vs 97 ms here), same update rule."""
+    if phase.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if phase.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=phase.lr, weight_decay=phase.weight_decay, fused=True)
+    if phase.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=phase.lr, momentum=0.9, weight_decay=phase.weight_decay)
+    raise ValueError(f"unknown optimizer {phase.optimizer!r} (adam, adamw, sgd)")
+
+
+def make_scheduler(phase: Phase, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> Any:
+    if phase.schedule == "constant":
+        return None
+    if phase.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=phase.plateau_factor, patience=phase.plateau_patience)
+    if phase.schedule == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=phase.lr, total_steps=max(phase.epochs * steps_per_epoch, 1),
+            pct_start=phase.one_cycle_pct_start)
+    raise ValueError(f"unknown schedule {phase.schedule!r} (constant, plateau, one_cycle)")
+
+
+# --------------------------------------------------------------------------- resume state
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file and rename: a kill leaves the previous epoch's state."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_resume_state(path: Path | None, fingerprint: str,
+                      log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The saved state if it belongs to this run (same fingerprint and format), else None."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (a corrupt file must not block training)
+        log(f"resume state {path} unreadable ({exc}); starting fresh")
+        return None
+    if state.get("version") != RESUME_VERSION or state.get("fingerprint") != fingerprint:
+        log(f"resume state {path} is for other inputs or code; starting fresh")
+        return None
+    return state
+
+
+def _rng_state(gen: torch.Generator, cuda: bool) -> dict[str, Any]:
+    out = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if cuda:
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _restore_rng(state: dict[str, Any], gen: torch.Generator, cuda: bool) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if cuda and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the loop
 def train_classifier(
     model: nn.Module,
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_val: np.ndarray,
     y_val: np.ndarray,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
+    epochs: int | None = None,
+    batch_size: int = 16,
+    lr: float | None = None,
+    seed: int = 0,
     log: Callable[[str], None] = print,
     device: torch.device | None = None,
+    *,
+    recipe: Recipe | None = None,
+    heads: list[str] | None = None,
+    resume_path: Path | None = None,
+    fingerprint: str = "",
+    deterministic: bool = False,
 ) -> TrainResult:
-    """Train with BCE (positive-class weighting) and keep the best-val-loss weights."""
+    """Train by `recipe` (default: AdamW for `epochs` at `lr`); keep the best-val-loss weights.
+
+    Multi-label: one sigmoid logit per finding (column of `y_*`), BCE loss; a single
+    finding is the binary special case. Frozen-backbone phases need `heads` (the zoo
+    entry's head prefixes)."""
+    if recipe is None:
+        if epochs is None or lr is None:
+            raise ValueError("give a recipe, or epochs and lr")
+        recipe = default_recipe(int(epochs), float(lr))
     device = device or torch.device("cpu")
-    seed_everything(seed)
+    cuda = device.type == "cuda"
+    seed_everything(seed, deterministic)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
-    cuda = device.type == "cuda"
     if cuda:
         model.to(memory_format=torch.channels_last)
+
+    # data: uint8 stays uint8 until the batch is on the device
+    x_tr = torch.as_tensor(np.ascontiguousarray(x_train))
     y_tr = torch.as_tensor(y_train, dtype=torch.float32)
-    pos = y_tr.sum(0).clamp(min=1)
-    pos_weight = ((len(y_tr) - pos) / pos).clamp(0.2, 5.0).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    x_tr = torch.as_tensor(x_train)
     if cuda:
-        x_tr, y_tr = x_tr.pin_memory(), y_tr.pin_memory()
-    scaler_dtype = torch.bfloat16 if cuda else None
-    best_loss, best_state, best_epoch = math.inf, None, -1
-    history: list[dict[str, float]] = []
+        free, _ = torch.cuda.mem_get_info(device)
+        if x_tr.numel() < free // 4:
+            x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     n = len(x_tr)
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total, seen, t_epoch = 0.0, 0, time.perf_counter()
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs >1 sample
-            xb = augment(to_input(x_tr[idx]), gen).to(device, non_blocking=True)
-            yb = y_tr[idx].to(device, non_blocking=True)
-            if cuda:
-                xb = xb.to(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=scaler_dtype, enabled=cuda):
-                logits = model(xb)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(idx)
-            seen += len(idx)
-        val_logits = predict_logits(model, x_val, device=device)
-        val_loss = float(F.binary_cross_entropy_with_logits(
-            torch.as_tensor(val_logits), torch.as_tensor(y_val, dtype=torch.float32)))
-        aucs = [roc_auc(y_val[:, k], val_logits[:, k]) for k in range(y_val.shape[1])]
-        val_auc = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
-        elapsed = time.perf_counter() - t_epoch
-        row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
-               "val_auc": val_auc, "images_per_s": seen / max(elapsed, 1e-9)}
-        history.append(row)
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        left = (time.perf_counter() - t0) / (epoch + 1) * (epochs - epoch - 1)
-        log(f"epoch {epoch + 1}/{epochs} train_loss={row['train_loss']:.4f} "
-            f"val_loss={val_loss:.4f} val_auc={val_auc:.3f} "
-            f"{row['images_per_s']:.1f} img/s, ~{left:.0f}s left")
-    assert best_state is not None, "no epoch ran: epochs must be >= 1"
-    model.load_state_dict(best_state)
-    return TrainResult(best_state=best_state, best_epoch=best_epoch, history=history)
+    starts = [i for i in range(0, n, batch_size) if min(batch_size, n - i) >= 2]  # BatchNorm
+    pos_weight = positive_weight(y_tr.cpu()).to(device) if recipe.balance == "pos_weight" else None
+    sample_w = balanced_sample_weights(y_train) if recipe.balance == "sampler" else None
+    y_val_t = torch.as_tensor(y_val, dtype=torch.float32)
+
+    st: dict[str, Any] = {"phase": 0, "epoch_in_phase": 0, "global_epoch": 0, "reductions": 0,
+                          "best_loss": math.inf, "best_epoch": -1, "best_state": None,
+                          "history": [], "optimizer": None, "scheduler": None}
+    resumed_from = None
+    saved = load_resume_state(resume_path, fingerprint, log)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        _restore_rng(saved["rng"], gen, cuda)
+        st.update({k: saved[k] for k in st})
+        if st["best_state"] is None and st["best_epoch"] == st["global_epoch"]:
+            st["best_state"] = saved["model"]
+        resumed_from = int(st["global_epoch"])
+        log(f"resuming after epoch {resumed_from} (phase {st['phase'] + 1}/"
+            f"{len(recipe.phases)}) from {resume_path}")
+
+    if any(p.epochs < 1 for p in recipe.phases):
+        raise ValueError(f"recipe {recipe.name}: every phase needs epochs >= 1")
+    max_epochs = recipe.max_epochs
+    t_run = time.perf_counter()
+    epochs_this_run = 0
+    while st["phase"] < len(recipe.phases):
+        phase = recipe.phases[st["phase"]]
+        fresh_phase = st["epoch_in_phase"] == 0
+        if fresh_phase and st["phase"] > 0 and phase.start_from_best and st["best_state"]:
+            model.load_state_dict(st["best_state"])
+        params = set_trainable(model, heads, phase.freeze_backbone)
+        optimizer = make_optimizer(phase, params)
+        scheduler = make_scheduler(phase, optimizer, len(starts))
+        if not fresh_phase and st["optimizer"] is not None:
+            optimizer.load_state_dict(st["optimizer"])
+            if scheduler is not None and st["scheduler"] is not None:
+                scheduler.load_state_dict(st["scheduler"])
+        stop = False
+        while st["epoch_in_phase"] < phase.epochs and not stop:
+            model.train()
+            if phase.freeze_backbone:
+                _freeze_norm_stats(model, heads or [])
+            lr_now = optimizer.param_groups[0]["lr"]
+            if sample_w is not None:
+                order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
+            else:
+                order = torch.randperm(n, generator=gen)
+            total, seen, t_epoch = 0.0, 0, time.perf_counter()
+            for i in starts:
+                idx = order[i:i + batch_size]
+                if x_tr.is_cuda:
+                    idx = idx.to(device)
+                    xb_u8, yb = x_tr[idx], y_tr[idx]
+                elif cuda:
+                    xb_u8 = x_tr[idx].pin_memory().to(device, non_blocking=True)
+                    yb = y_tr[idx].pin_memory().to(device, non_blocking=True)
+                else:
+                    xb_u8, yb = x_tr[idx], y_tr[idx]
+                xb = _augment_with(to_input(xb_u8), gen, recipe.augment)
+                if cuda:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    logits = model(xb)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), yb,
+                                                          pos_weight=pos_weight)
+                loss.backward()
+                optimizer.step()
+                if phase.schedule == "one_cycle":
+                    scheduler.step()
+                total += loss.detach().item() * len(idx)
+                seen += len(idx)
+            t_train = time.perf_counter() - t_epoch
+            val_logits = predict_logits(model, x_val, device=device)
+            val_loss = float(F.binary_cross_entropy_with_logits(
+                torch.as_tensor(val_logits), y_val_t))
+            aucs = [roc_auc(y_val[:, k], val_logits[:, k]) for k in range(y_val.shape[1])]
+            val_auc = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+            st["epoch_in_phase"] += 1
+            st["global_epoch"] += 1
+            epochs_this_run += 1
+            if phase.schedule == "plateau":
+                before = optimizer.param_groups[0]["lr"]
+                scheduler.step(val_loss)
+                if optimizer.param_groups[0]["lr"] < before:
+                    st["reductions"] += 1
+                    stop = (phase.stop_after_reductions is not None
+                            and st["reductions"] >= phase.stop_after_reductions)
+            row = {"epoch": st["global_epoch"], "phase": phase.name, "lr": lr_now,
+                   "train_loss": total / max(seen, 1), "val_loss": val_loss,
+                   "val_auc": val_auc, "images_per_s": seen / max(t_train, 1e-9),
+                   "seconds": time.perf_counter() - t_epoch}
+            st["history"].append(row)
+            if val_loss < st["best_loss"]:
+                st["best_loss"], st["best_epoch"] = val_loss, st["global_epoch"]
+                st["best_state"] = _cpu_state(model)
+            phase_over = stop or st["epoch_in_phase"] >= phase.epochs
+            if phase_over:
+                st.update(phase=st["phase"] + 1, epoch_in_phase=0, reductions=0,
+                          optimizer=None, scheduler=None)
+            else:
+                st["optimizer"] = optimizer.state_dict()
+                st["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            if resume_path is not None:
+                # the best weights are stored once when they are the current ones
+                best_is_model = st["best_epoch"] == st["global_epoch"]
+                save_resume_state(Path(resume_path), {
+                    "version": RESUME_VERSION, "fingerprint": fingerprint,
+                    "model": st["best_state"] if best_is_model else _cpu_state(model),
+                    "rng": _rng_state(gen, cuda), **st,
+                    "best_state": None if best_is_model else st["best_state"]})
+            per_epoch = (time.perf_counter() - t_run) / epochs_this_run
+            left_epochs = max_epochs - st["global_epoch"]
+            log(f"epoch {st['global_epoch']}/{max_epochs} [{phase.name}] "
+                f"train_loss={row['train_loss']:.4f} val_loss={val_loss:.4f} "
+                f"val_auc={val_auc:.3f} lr={lr_now:.2e} {row['images_per_s']:.1f} img/s, "
+                f"~{per_epoch * left_epochs:.0f}s left (at most)"
+                + (f"; stopping the {phase.name} phase after LR reduction "
+                   f"{phase.stop_after_reductions}" if stop else ""))
+            if phase_over:
+                break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if st["best_state"] is None:
+        raise ValueError("no epoch ran: epochs must be >= 1")
+    model.load_state_dict(st["best_state"])
+    return TrainResult(best_state=st["best_state"], best_epoch=st["best_epoch"],
+                       history=st["history"], best_val_loss=st["best_loss"],
+                       resumed_from_epoch=resumed_from)

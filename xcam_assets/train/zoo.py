@@ -1,11 +1,14 @@
-"""The model zoo: `resources/models.yaml` entries built through timm's factory.
+"""The model zoo: `resources/models.yaml` entries built through timm (or PYLON on a timm encoder).
 
-Each entry names a timm model and the layer whose activations its CAMs use.
-Pretrained weights are read from a local file only (no hub access here).
+Each entry names a timm model, its input channels, the layer(s) its CAMs use, the reshape
+transform for token models and the head modules (trained when the backbone is frozen).
+Pretrained weights come from local files only: there is no hub access on these machines,
+and a run that demands weights it cannot find stops with the paths it tried.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -13,52 +16,135 @@ import timm
 import torch
 from torch import nn
 
+from xcam_assets.train.pylon import build_pylon
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
 
 class ZooError(ValueError):
     pass
+
+
+def zoo_entry(name: str, zoo: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if name not in zoo:
+        raise ZooError(f"architecture {name!r} is not in resources/models.yaml "
+                       f"(known: {', '.join(sorted(zoo))})")
+    return zoo[name]
+
+
+def resolve_pretrained(
+    name: str,
+    zoo: dict[str, dict[str, Any]],
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+    pretrained_dir: str | Path | None = None,
+    root: Path | None = None,
+) -> Path | None:
+    """The local weight file to start from, None for training from scratch.
+
+    Order: the explicit `pretrained_file`, the entry's `pretrained_file`, then
+    `<pretrained_dir>/<timm_name>{.safetensors,.pth,.pt,.bin}` (relative paths are taken
+    from `root`). A file named but missing, or `pretrained` demanded with no file found,
+    raises ZooError naming every path tried (no network: nothing is downloaded)."""
+    entry = zoo_entry(name, zoo)
+
+    def path(p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() or root is None else root / p
+
+    named = pretrained_file or entry.get("pretrained_file")
+    if named:
+        if not path(named).is_file():
+            raise ZooError(f"pretrained weights for {name} demanded but {path(named)} does not "
+                           "exist (no network here: put the file there or fix the path)")
+        return path(named)
+    if not pretrained:
+        return None
+    tried: list[Path] = []
+    if pretrained_dir:
+        for suffix in WEIGHT_SUFFIXES:
+            candidate = path(pretrained_dir) / f"{entry['timm_name']}{suffix}"
+            tried.append(candidate)
+            if candidate.is_file():
+                return candidate
+    raise ZooError(
+        f"pretrained weights for {name} (timm {entry['timm_name']}) demanded "
+        f"(profile `pretrained: true`) but no local file was found; tried: "
+        f"{', '.join(map(str, tried)) or 'nothing (no pretrained_dir configured)'}. "
+        "There is no network here: download the weights once elsewhere (e.g. "
+        "timm.create_model(name, pretrained=True) then save_file(model.state_dict())) and "
+        "put them in the profile's pretrained_dir, or set `pretrained: false` to train "
+        "from scratch.")
 
 
 def build_model(
     name: str,
     zoo: dict[str, dict[str, Any]],
     n_classes: int,
-    in_chans: int = 1,
+    in_chans: int | None = None,
     pretrained_file: str | Path | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
-    """timm.create_model for a zoo entry; one logit per finding."""
-    if name not in zoo:
-        raise ZooError(f"architecture {name!r} is not in resources/models.yaml "
-                       f"(known: {', '.join(sorted(zoo))})")
-    entry = zoo[name]
-    kwargs: dict[str, Any] = {"num_classes": n_classes, "in_chans": in_chans}
+    """The zoo entry's model with one logit per finding.
+
+    `image_size` goes to the entry's `image_size_kwarg` (ViT `img_size`: the position
+    embedding is sized for it, so a checkpoint only loads into a model built with the size
+    it was trained at; the sidecar records it). `pretrained_file` (see resolve_pretrained)
+    is loaded by timm, which adapts RGB stems to `in_chans` and drops the ImageNet head."""
+    entry = zoo_entry(name, zoo)
+    in_chans = int(in_chans or entry.get("in_chans", 1))
+    kwargs: dict[str, Any] = dict(entry.get("timm_kwargs") or {})
+    size_kwarg = entry.get("image_size_kwarg")
+    if size_kwarg and image_size:
+        kwargs[size_kwarg] = int(image_size)
     if pretrained_file:
         path = Path(pretrained_file)
-        if not path.exists():
+        if not path.is_file():
             raise ZooError(f"pretrained weights for {name} demanded but {path} does not exist "
                            "(no network here: download them once and point the profile at the file)")
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    return timm.create_model(entry["timm_name"], **kwargs)
+    builder = entry.get("builder", "timm")
+    if builder == "pylon":
+        return build_pylon(entry, n_classes, in_chans, kwargs)
+    if builder != "timm":
+        raise ZooError(f"{name}: unknown builder {builder!r} (timm, pylon)")
+    return timm.create_model(entry["timm_name"], num_classes=n_classes, in_chans=in_chans,
+                             **kwargs)
 
 
 def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
-    """`layer4` or `features.norm5` or `blocks.11.norm1` -> the module."""
+    """`layer4`, `features.norm5`, `blocks.-1.norm1` (negative index from the end) -> module."""
     module: Any = model
     for part in dotted.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
+        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
     return module
 
 
 def target_layers(model: nn.Module, name: str, zoo: dict[str, dict[str, Any]]) -> list[nn.Module]:
-    layer = zoo[name]["target_layer"]
+    layer = zoo_entry(name, zoo)["target_layer"]
     layers = layer if isinstance(layer, list) else [layer]
     return [resolve_layer(model, dotted) for dotted in layers]
 
 
+def head_prefixes(model: nn.Module, name: str, zoo: dict[str, dict[str, Any]]) -> list[str]:
+    """Parameter-name prefixes of the head (the rest is the backbone that freezing stops).
+
+    From the entry's `head`, else timm's `pretrained_cfg['classifier']`."""
+    heads = zoo_entry(name, zoo).get("head")
+    if not heads:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        heads = cfg.get("classifier") or []
+    heads = [heads] if isinstance(heads, str) else list(heads)
+    names = {n for n, _ in model.named_parameters()}
+    for h in heads:
+        if not any(n == h or n.startswith(h + ".") for n in names):
+            raise ZooError(f"{name}: head {h!r} matches no parameter of the model")
+    return heads
+
+
 def state_dict_hash(model: nn.Module) -> str:
     """sha256 over parameters/buffers in name order (bitwise weights identity)."""
-    import hashlib
-
     h = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode())

@@ -1,0 +1,159 @@
+"""Benchmark: xcam's training loop vs a bare PyTorch loop, same tensors, model, batch size.
+
+    .venv/bin/python tests/benchmarks/bench_training.py [--arch resnet18 --size 224 ...]
+
+Both sides run in this one process, alternately (bare, ours, bare, ours, ...), on the
+same in-memory uint8 tensors, the same architecture from the zoo (same initial weights),
+the same batch size and the same optimizer (AdamW, fused kernel; see loop.make_optimizer).
+The bare loop is: uint8 -> float input, forward, BCE, backward, step. Ours is
+`train_classifier` with the default recipe, i.e. it also draws and applies the
+augmentation (flip, rotation, noise) and records history.
+
+Reported:
+* ``ratio``: our training throughput (images/s over the training steps of each epoch, the
+  figure the run's logs show) / the bare loop's. Target >= 0.9 for resnet18 at 224 px.
+* ``e2e_ratio``: the same with our whole `train_classifier` wall time, which adds the
+  per-epoch validation pass (``--val-images``) and the atomic resume-state write
+  (weights + optimizer: ~135 MB for resnet18). Those costs are per epoch, so their share
+  shrinks with the epoch length (``--images``); at study scale (thousands of images per
+  epoch) they are a few per cent.
+
+Allocator: glibc returns freed memory to the OS on every step unless
+MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ are set before the process starts
+(../shared/ENVIRONMENT.md: 25-40 % faster CPU training, and the Makefile sets them). The
+script re-executes itself with both set to 16 GiB unless they are already set or
+``--glibc-defaults`` is given; both sides always share the same setting because they share
+the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TUNED = str(16 * 1024**3)
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=96, help="training images per epoch")
+    p.add_argument("--val-images", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per measured repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="do not set MALLOC_* (measure with glibc's defaults)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    if not args.glibc_defaults and not all(os.environ.get(v) for v in MALLOC_VARS):
+        env = {**os.environ, **{v: TUNED for v in MALLOC_VARS}}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+    import tempfile
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import yaml
+
+    from xcam_assets.train.loop import make_optimizer, to_input, train_classifier
+    from xcam_assets.train.recipes import recipe_from_profile
+    from xcam_assets.train.zoo import build_model, head_prefixes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repo = Path(__file__).resolve().parents[2]
+    zoo = yaml.safe_load((repo / "resources" / "models.yaml").read_text())
+    rng = np.random.default_rng(0)
+    x_tr = rng.integers(0, 256, (args.images, args.size, args.size), dtype=np.uint8)
+    y_tr = (np.arange(args.images) % 2).astype(np.float32)[:, None]
+    x_va = rng.integers(0, 256, (args.val_images, args.size, args.size), dtype=np.uint8)
+    y_va = (np.arange(args.val_images) % 2).astype(np.float32)[:, None]
+    torch.manual_seed(0)
+    model0 = build_model(args.arch, zoo, n_classes=1, image_size=args.size)
+    init = copy.deepcopy(model0.state_dict())
+    recipe = recipe_from_profile({"epochs": args.epochs, "lr": 1e-3})
+    phase = recipe.phases[0]
+    x_t, y_t = torch.as_tensor(x_tr), torch.as_tensor(y_tr)
+    # batches of >= 2 images (BatchNorm), as in train_classifier
+    starts = [i for i in range(0, args.images, args.batch) if min(args.batch, args.images - i) >= 2]
+    per_epoch = sum(min(args.batch, args.images - i) for i in starts)
+
+    def bare() -> float:
+        """images/s of the plain loop over `epochs` passes."""
+        model0.load_state_dict(init)
+        model0.train()
+        opt = make_optimizer(phase, list(model0.parameters()))
+        gen = torch.Generator().manual_seed(0)
+        seen, t0 = 0, time.perf_counter()
+        for _ in range(args.epochs):
+            order = torch.randperm(args.images, generator=gen)
+            for i in starts:
+                idx = order[i:i + args.batch]
+                opt.zero_grad(set_to_none=True)
+                loss = F.binary_cross_entropy_with_logits(model0(to_input(x_t[idx])), y_t[idx])
+                loss.backward()
+                opt.step()
+                seen += len(idx)
+        return seen / (time.perf_counter() - t0)
+
+    def ours(resume_dir: Path) -> tuple[float, float]:
+        """(median training images/s from the history, end-to-end images/s)."""
+        model0.load_state_dict(init)
+        t0 = time.perf_counter()
+        result = train_classifier(model0, x_tr, y_tr, x_va, y_va, batch_size=args.batch,
+                                  seed=0, recipe=recipe,
+                                  heads=head_prefixes(model0, args.arch, zoo),
+                                  resume_path=resume_dir / "resume.pt", fingerprint="bench",
+                                  log=lambda m: None)
+        wall = time.perf_counter() - t0
+        (resume_dir / "resume.pt").unlink()
+        assert len(result.history) == args.epochs
+        train_ips = statistics.median(r["images_per_s"] for r in result.history)
+        return train_ips, per_epoch * args.epochs / wall
+
+    print(f"bench_training: {args.arch} {args.size}px batch {args.batch}, {args.images} "
+          f"train images x {args.epochs} epochs, {args.repeats} repeats, torch threads "
+          f"{torch.get_num_threads()}, MALLOC tuned: "
+          f"{all(os.environ.get(v) == TUNED for v in MALLOC_VARS)}, load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    # warm-up: first-call allocations and kernel selection, outside the measurement
+    model0.train()
+    warm = make_optimizer(phase, list(model0.parameters()))
+    for _ in range(2):
+        warm.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(model0(to_input(x_t[:args.batch])),
+                                           y_t[:args.batch]).backward()
+        warm.step()
+    bare_ips, ours_ips, e2e_ips = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            bare_ips.append(bare())
+            o, e = ours(Path(tmp))
+            ours_ips.append(o)
+            e2e_ips.append(e)
+            print(f"  repeat {r + 1}: bare {bare_ips[-1]:.2f} img/s, ours {o:.2f} img/s "
+                  f"(training steps), ours end-to-end {e:.2f} img/s", flush=True)
+    b, o, e = (statistics.median(v) for v in (bare_ips, ours_ips, e2e_ips))
+    print(f"RESULT training arch={args.arch} size={args.size} batch={args.batch} "
+          f"images={args.images} epochs={args.epochs} repeats={args.repeats} "
+          f"threads={torch.get_num_threads()} "
+          f"malloc_tuned={int(all(os.environ.get(v) == TUNED for v in MALLOC_VARS))} "
+          f"bare_ips={b:.2f} ours_ips={o:.2f} ratio={o / b:.3f} "
+          f"ours_e2e_ips={e:.2f} e2e_ratio={e / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
