@@ -42,7 +42,10 @@ def test_ui_shows_every_asset_and_check_and_launches_a_run(full_run: Path,
     assets = [a.key.to_user_string() for a in ASSETS]
     checks = {spec.asset_key.to_user_string(): spec.name
               for c in CHECKS for spec in c.check_specs}
-    with dagster_services(full_run, tmp_path / "logs", webserver=True) as services, \
+    flock = full_run / ".xcam" / "dvc.flock"
+    flock_before = flock.stat().st_mtime if flock.exists() else 0.0
+    with dagster_services(full_run, tmp_path / "logs", webserver=True,
+                          XCAM_SENSOR_INTERVAL_S="3") as services, \
             chromium_page() as page:
         url = str(services["url"])
         logs = services["logs"]
@@ -85,6 +88,9 @@ def test_ui_shows_every_asset_and_check_and_launches_a_run(full_run: Path,
         page.goto(f"{url}/runs/{run['runId']}")
         page.get_by_text("Success").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "run-success.png"))
+        # the dvc_commit_after_run sensor commits the run's DVC stage (under the DVC lock)
+        wait_for("dvc commit after the UI run", lambda: flock.exists()
+                 and flock.stat().st_mtime > flock_before, 120, logs=logs)
     for shot in sorted(shots.iterdir()):
         print(f"screenshot: {shot}")
 

@@ -49,6 +49,8 @@ ingest_batch_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(*INGEST_ASSETS),
     partitions_def=batch_partitions,
     description="One arrival batch: raw copy, inventory, findings, CLAHE tensors.",
+    # one process for the run: a process per step would mostly re-import torch
+    executor_def=dg.in_process_executor,
 )
 
 

@@ -1,7 +1,5 @@
 """The one Definitions object: every stage's assets and checks, automation, resources.
 
-Runs execute in process (one process per run, steps in order): on a few CPU cores a
-process per step mostly re-imports torch; SQLite storage also prefers fewer writers.
 The downstream assets get the nightly automation condition here (xcam_assets.automation).
 """
 
@@ -53,5 +51,4 @@ defs = dg.Definitions(
     jobs=[ingest_batch_job],
     sensors=[incoming_batch_sensor, nightly_reevaluation, dvc_commit_after_run],
     resources={"xcam": XcamConfig()},
-    executor=dg.in_process_executor,
 )

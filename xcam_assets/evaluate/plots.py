@@ -153,7 +153,7 @@ def plot_metric_bars(long: pl.DataFrame, finding: str, metrics: Sequence[str]) -
         ax.set_ylim(min(lo_r, 0.0) if lo_r < 0 else 0.0, hi_r)
         ax.axhline(0, color="black", lw=0.5)
         ax.tick_params(axis="y", labelsize=7)
-    fig.legend(loc="outside upper center", ncol=min(len(methods), 6), fontsize=7)
+    fig.legend(loc="outside lower center", ncol=min(len(methods), 6), fontsize=7)
     fig.suptitle(f"{finding}: heatmap metrics (95% bootstrap CI)", fontsize=9)
     return _png(fig)
 
