@@ -59,6 +59,7 @@ def test_ui_shows_every_asset_and_check_and_launches_a_run(full_run: Path,
         _expand_all_groups(page)
         for asset in assets:
             page.get_by_text(asset, exact=True).last.wait_for(timeout=30_000)
+        page.wait_for_timeout(2000)  # let the nodes' materialization status load
         page.screenshot(path=str(shots / "asset-graph.png"))
 
         # each asset's checks tab names its blocking check and its latest result

@@ -11,7 +11,11 @@ augmentation (flip, rotation, noise) and records history.
 
 Reported:
 * ``ratio``: our training throughput (images/s over the training steps of each epoch, the
-  figure the run's logs show) / the bare loop's. Target >= 0.9 for resnet18 at 224 px.
+  figure the run's logs show) / the bare loop's, wall clock, medians over repeats. Target
+  >= 0.9 for resnet18 at 224 px.
+* ``cpu_ratio``: the same per CPU second of this process (all its threads). On a machine
+  that other jobs load, wall-clock rates swing by 2x between repeats; CPU time is what
+  each side actually spent, and with ``--threads 1`` it is free of OpenMP spin-waiting.
 * ``e2e_ratio``: the same with our whole `train_classifier` wall time, which adds the
   per-epoch validation pass (``--val-images``) and the atomic resume-state write
   (weights + optimizer: ~135 MB for resnet18). Those costs are per epoch, so their share
@@ -91,13 +95,13 @@ def main() -> None:
     starts = [i for i in range(0, args.images, args.batch) if min(args.batch, args.images - i) >= 2]
     per_epoch = sum(min(args.batch, args.images - i) for i in starts)
 
-    def bare() -> float:
-        """images/s of the plain loop over `epochs` passes."""
+    def bare() -> tuple[float, float]:
+        """(images/s, images per CPU second) of the plain loop over `epochs` passes."""
         model0.load_state_dict(init)
         model0.train()
         opt = make_optimizer(phase, list(model0.parameters()))
         gen = torch.Generator().manual_seed(0)
-        seen, t0 = 0, time.perf_counter()
+        seen, t0, c0 = 0, time.perf_counter(), time.process_time()
         for _ in range(args.epochs):
             order = torch.randperm(args.images, generator=gen)
             for i in starts:
@@ -107,10 +111,11 @@ def main() -> None:
                 loss.backward()
                 opt.step()
                 seen += len(idx)
-        return seen / (time.perf_counter() - t0)
+        return seen / (time.perf_counter() - t0), seen / (time.process_time() - c0)
 
-    def ours(resume_dir: Path) -> tuple[float, float]:
-        """(median training images/s from the history, end-to-end images/s)."""
+    def ours(resume_dir: Path) -> tuple[float, float, float]:
+        """(training images/s from the history, training images per CPU second,
+        end-to-end images/s)."""
         model0.load_state_dict(init)
         t0 = time.perf_counter()
         result = train_classifier(model0, x_tr, y_tr, x_va, y_va, batch_size=args.batch,
@@ -121,8 +126,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         (resume_dir / "resume.pt").unlink()
         assert len(result.history) == args.epochs
-        train_ips = statistics.median(r["images_per_s"] for r in result.history)
-        return train_ips, per_epoch * args.epochs / wall
+        train_s = sum(per_epoch / r["images_per_s"] for r in result.history)
+        cpu_s = sum(r["train_cpu_s"] for r in result.history)
+        n = per_epoch * args.epochs
+        return n / train_s, n / cpu_s, n / wall
 
     print(f"bench_training: {args.arch} {args.size}px batch {args.batch}, {args.images} "
           f"train images x {args.epochs} epochs, {args.repeats} repeats, torch threads "
@@ -137,21 +144,26 @@ def main() -> None:
         F.binary_cross_entropy_with_logits(model0(to_input(x_t[:args.batch])),
                                            y_t[:args.batch]).backward()
         warm.step()
-    bare_ips, ours_ips, e2e_ips = [], [], []
+    bare_ips, bare_cpu, ours_ips, ours_cpu, e2e_ips = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            bare_ips.append(bare())
-            o, e = ours(Path(tmp))
-            ours_ips.append(o)
-            e2e_ips.append(e)
-            print(f"  repeat {r + 1}: bare {bare_ips[-1]:.2f} img/s, ours {o:.2f} img/s "
-                  f"(training steps), ours end-to-end {e:.2f} img/s", flush=True)
-    b, o, e = (statistics.median(v) for v in (bare_ips, ours_ips, e2e_ips))
+            b_w, b_c = bare()
+            o_w, o_c, e = ours(Path(tmp))
+            for lst, v in ((bare_ips, b_w), (bare_cpu, b_c), (ours_ips, o_w), (ours_cpu, o_c),
+                           (e2e_ips, e)):
+                lst.append(v)
+            print(f"  repeat {r + 1}: bare {b_w:.2f} img/s ({b_c:.2f} per CPU s), ours "
+                  f"{o_w:.2f} img/s ({o_c:.2f} per CPU s) in training steps, ours "
+                  f"end-to-end {e:.2f} img/s", flush=True)
+    b, o, e, bc, oc = (statistics.median(v) for v in (bare_ips, ours_ips, e2e_ips, bare_cpu,
+                                                       ours_cpu))
     print(f"RESULT training arch={args.arch} size={args.size} batch={args.batch} "
           f"images={args.images} epochs={args.epochs} repeats={args.repeats} "
           f"threads={torch.get_num_threads()} "
           f"malloc_tuned={int(all(os.environ.get(v) == TUNED for v in MALLOC_VARS))} "
+          f"load_avg={os.getloadavg()[0]:.2f} "
           f"bare_ips={b:.2f} ours_ips={o:.2f} ratio={o / b:.3f} "
+          f"bare_cpu_ips={bc:.2f} ours_cpu_ips={oc:.2f} cpu_ratio={oc / bc:.3f} "
           f"ours_e2e_ips={e:.2f} e2e_ratio={e / b:.3f}")
 
 

@@ -193,20 +193,21 @@ def test_kill_9_leaves_nothing_a_later_run_reads_as_valid(tmp_path: Path, kill_a
         sys.path.insert(0, {str(REPO)!r})
         import xcam_assets.preprocess.pipeline as pl_
         from xcam_assets.preprocess.pipeline import ImageJob, PreprocessParams, preprocess_batch
-        src = Path({str(jobs_dir)!r})
-        jobs = [ImageJob(p.stem, p, p.name, p.stem, {{}}) for p in sorted(src.glob('*.dcm'))]
-        clip = float(sys.argv[1])
-        if os.environ.get("PAUSE_AFTER_RENAME"):
-            real = pl_.os.replace
-            def slow_replace(a, b):
-                real(a, b)
-                if str(b).endswith("regions.npy"):
-                    print("RENAMED", flush=True); time.sleep(30)
-            pl_.os.replace = slow_replace
-        preprocess_batch(jobs, PreprocessParams(clip, 8, 64, True, ("lesion",)),
-                         Path(sys.argv[2]), "b", src, workers=2, chunk_size=16,
-                         log=lambda m: print(m, flush=True))
-        print("DONE", flush=True)
+        if __name__ == "__main__":  # worker processes re-import this script
+            src = Path({str(jobs_dir)!r})
+            jobs = [ImageJob(p.stem, p, p.name, p.stem, {{}}) for p in sorted(src.glob('*.dcm'))]
+            clip = float(sys.argv[1])
+            if os.environ.get("PAUSE_AFTER_RENAME"):
+                real = pl_.os.replace
+                def slow_replace(a, b):
+                    real(a, b)
+                    if str(b).endswith("regions.npy"):
+                        print("RENAMED", flush=True); time.sleep(30)
+                pl_.os.replace = slow_replace
+            preprocess_batch(jobs, PreprocessParams(clip, 8, 64, True, ("lesion",)),
+                             Path(sys.argv[2]), "b", src, workers=2, chunk_size=16,
+                             log=lambda m: print(m, flush=True))
+            print("DONE", flush=True)
     """)
     (tmp_path / "run.py").write_text(script)
     out = tmp_path / "out"

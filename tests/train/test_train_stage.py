@@ -55,6 +55,7 @@ def _prepare(project: Path, tiny: dict, n_images: int = 40):
     return load_settings()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(project: Path) -> None:
     """Training starts under the Dagster CLI (multiprocess executor), the whole process
     group gets SIGKILL after the second epoch's resume state is written; `xcam materialize

@@ -2,7 +2,7 @@
 
 Content-addressed reuse: an image whose source sha256, labels and parameters
 hash match a row of the batch's existing (verified) manifest is copied, not
-recomputed. The rest is spread over worker processes (fork) that write
+recomputed. The rest is spread over worker processes (forkserver) that write
 straight into memory-mapped temporary shards; the shards are renamed into
 place and the manifest, which records their sha256, is written last. A run
 killed at any point leaves either the old consistent set or files that
@@ -197,7 +197,10 @@ def preprocess_batch(
         done = 0
         use_pool = workers > 1 and len(todo) >= 2 * chunk_size
         if use_pool:
-            ctx = mp.get_context("fork")
+            # forkserver, not fork: forking a multithreaded process (torch, polars, dagster
+            # threads) can deadlock a child on a lock held at fork time
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["xcam_assets.preprocess.pipeline"])
             with ctx.Pool(workers, initializer=_worker_init,
                           initargs=(str(tmp_images), str(tmp_regions), params, base_dir)) as pool:
                 for results in pool.imap_unordered(_worker_chunk, chunks):

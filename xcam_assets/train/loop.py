@@ -311,7 +311,7 @@ def train_classifier(
                 order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
             else:
                 order = torch.randperm(n, generator=gen)
-            total, seen, t_epoch = 0.0, 0, time.perf_counter()
+            total, seen, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             for i in starts:
                 idx = order[i:i + batch_size]
                 if x_tr.is_cuda:
@@ -337,6 +337,7 @@ def train_classifier(
                 total += loss.detach().item() * len(idx)
                 seen += len(idx)
             t_train = time.perf_counter() - t_epoch
+            cpu_train = time.process_time() - cpu_epoch  # all threads; robust to other load
             val_logits = predict_logits(model, x_val, device=device)
             val_loss = float(F.binary_cross_entropy_with_logits(
                 torch.as_tensor(val_logits), y_val_t))
@@ -355,7 +356,7 @@ def train_classifier(
             row = {"epoch": st["global_epoch"], "phase": phase.name, "lr": lr_now,
                    "train_loss": total / max(seen, 1), "val_loss": val_loss,
                    "val_auc": val_auc, "images_per_s": seen / max(t_train, 1e-9),
-                   "seconds": time.perf_counter() - t_epoch}
+                   "train_cpu_s": cpu_train, "seconds": time.perf_counter() - t_epoch}
             st["history"].append(row)
             if val_loss < st["best_loss"]:
                 st["best_loss"], st["best_epoch"] = val_loss, st["global_epoch"]
