@@ -15,7 +15,6 @@ from xcam_assets.hashing import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
-    combine_hashes,
     dvc_data_version,
     sha256_file,
 )
@@ -96,8 +95,6 @@ def heatmap_sets(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Mate
                              **{f"y_{f}": y_te[:, k].astype(np.int8)
                                 for k, f in enumerate(s.findings)}})
     atomic_write_parquet(out / "heatmap_manifest.parquet", manifest)
-    hashes = [("predictions", sha256_file(out / "predictions.parquet")),
-              ("manifest", sha256_file(out / "heatmap_manifest.parquet"))]
     metadata: dict = {}
     methods: dict[str, dict] = {}
     alphas = tuple(float(a) for a in cfg["overlay_alphas"])
@@ -115,7 +112,6 @@ def heatmap_sets(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Mate
         path = out / f"{spec.key}.npy"
         _save_npy(path, maps)
         digest = sha256_file(path)
-        hashes.append((spec.name, digest))
         methods[spec.name] = {"status": "ok", "file": path.name, "sha256": digest,
                               "base": spec.base, "relu": spec.relu, "shape": list(maps.shape),
                               "dtype": "float16", "seconds": round(seconds, 3),
@@ -148,9 +144,6 @@ def heatmap_sets(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Mate
         else [layer_names], "reshape_transform": s.zoo[arch].get("reshape_transform"),
         "batch_size": cfg["batch_size"], "overlay_alphas": list(alphas), "methods": methods,
         "device": str(device)})
-    hashes.append(("sidecar_methods", combine_hashes(
-        (m, json.dumps(v, sort_keys=True)) for m, v in methods.items()
-        if v["status"] != "ok")))
     return dg.MaterializeResult(
         metadata={"n_test_images": len(keys),
                   "methods": [m for m, v in methods.items() if v["status"] == "ok"],
