@@ -11,6 +11,7 @@ killed at any point leaves either the old consistent set or files that
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import multiprocessing as mp
@@ -102,31 +103,56 @@ def process_image(job: ImageJob, params: PreprocessParams,
     return tensor, regions, boxes_out
 
 
-# -- worker side: globals set once per forked process ------------------------------
+# -- worker side: a long-lived pool per process; memmaps opened once per temp shard ---
 _W: dict = {}
+_POOLS: dict[int, object] = {}
 
 
-def _worker_init(images_path: str, regions_path: str, params: PreprocessParams,
-                 base_dir: Path) -> None:
+def _worker_init() -> None:
     cv2.setNumThreads(1)
-    _W.update(images=np.load(images_path, mmap_mode="r+"),
-              regions=np.load(regions_path, mmap_mode="r+"), params=params, base_dir=base_dir)
 
 
-def _worker_chunk(chunk: list[tuple[int, ImageJob]]) -> list[tuple[int, str | None, str]]:
+def _open_shards(images_path: str, regions_path: str) -> None:
+    if _W.get("images_path") != images_path:
+        _W.clear()  # drop the previous batch's maps (its temp files are gone)
+        _W.update(images_path=images_path, images=np.load(images_path, mmap_mode="r+"),
+                  regions=np.load(regions_path, mmap_mode="r+"))
+
+
+def _worker_chunk(task: tuple[str, str, PreprocessParams, Path, list[tuple[int, ImageJob]]]
+                  ) -> list[tuple[int, str | None, str]]:
+    images_path, regions_path, params, base_dir, chunk = task
+    _open_shards(images_path, regions_path)
     out = []
     for row, job in chunk:
         try:
-            tensor, regions, boxes = process_image(job, _W["params"], _W["base_dir"])
+            tensor, regions, boxes = process_image(job, params, base_dir)
         except Exception as exc:  # reported per image, the batch goes on
             out.append((row, None, f"{job.file}: {exc}"))
             continue
         _W["images"][row] = tensor
         _W["regions"][row] = regions
         out.append((row, json.dumps(boxes, sort_keys=True), ""))
-    _W["images"].flush()
-    _W["regions"].flush()
+    # no msync per chunk: a MAP_SHARED write is in the page cache, which survives a
+    # killed process; a torn file after power loss fails the manifest's sha256
     return out
+
+
+def _pool(workers: int):
+    """A pool kept for the life of the process: starting workers costs more than a batch.
+
+    forkserver, not fork: forking a multithreaded process (torch, polars, dagster
+    threads) can deadlock a child on a lock held at fork time. `__main__` is
+    preloaded so the workers do not each re-import the entry script (for a Dagster
+    step process that is the whole dagster CLI).
+    """
+    pool = _POOLS.get(workers)
+    if pool is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", "xcam_assets.preprocess.pipeline"])
+        pool = _POOLS[workers] = ctx.Pool(workers, initializer=_worker_init)
+        atexit.register(pool.terminate)
+    return pool
 
 
 def _reusable(out_dir: Path, params_hash: str) -> dict[tuple[str, str, str], int]:
@@ -193,22 +219,18 @@ def preprocess_batch(
         regions.flush()
         del images, regions
         failures: list[str] = []
-        chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+        # small batches still spread over every worker: about 4 chunks per worker
+        size = max(1, min(chunk_size, -(-len(todo) // (4 * max(workers, 1)))))
+        tasks = [(str(tmp_images), str(tmp_regions), params, base_dir, todo[i:i + size])
+                 for i in range(0, len(todo), size)]
         done = 0
-        use_pool = workers > 1 and len(todo) >= 2 * chunk_size
-        if use_pool:
-            # forkserver, not fork: forking a multithreaded process (torch, polars, dagster
-            # threads) can deadlock a child on a lock held at fork time
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["xcam_assets.preprocess.pipeline"])
-            with ctx.Pool(workers, initializer=_worker_init,
-                          initargs=(str(tmp_images), str(tmp_regions), params, base_dir)) as pool:
-                for results in pool.imap_unordered(_worker_chunk, chunks):
-                    done = _collect(results, boxes_json, failures, done, len(todo), t0, log)
+        if workers > 1 and len(todo) >= 2 * workers:
+            for results in _pool(workers).imap_unordered(_worker_chunk, tasks):
+                done = _collect(results, boxes_json, failures, done, len(todo), t0, log)
         else:
-            _worker_init(str(tmp_images), str(tmp_regions), params, base_dir)
-            for chunk in chunks:
-                done = _collect(_worker_chunk(chunk), boxes_json, failures, done, len(todo),
+            _worker_init()
+            for task in tasks:
+                done = _collect(_worker_chunk(task), boxes_json, failures, done, len(todo),
                                 t0, log)
             _W.clear()
         if failures:
