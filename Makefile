@@ -11,13 +11,13 @@ export GX_ANALYTICS_ENABLED := false
 export MALLOC_MMAP_THRESHOLD_ := 17179869184
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
-.PHONY: demo test setup ui lint browser
+.PHONY: demo test setup ui lint browser postgres
 
 demo: setup
 	$(VENV)/bin/xcam demo
 	$(VENV)/bin/xcam ui
 
-test: setup browser
+test: setup browser postgres
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed
@@ -49,6 +49,18 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	      >/dev/null; \
 	  else echo "chromium missing and not installable here: the browser tests will skip"; fi; }
+
+# a PostgreSQL server (Debian's package) for tests/test_postgres.py, which runs the demo
+# lineage on the production instance file (resources/deploy/dagster_postgres.yaml) against
+# a throw-away cluster of its own on 127.0.0.1 (the package's own cluster is not used).
+# Installed when missing and we are root; else that test skips.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian postgresql for the Postgres instance test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+	      >/dev/null; \
+	  else echo "postgresql missing and not installable here: the Postgres test will skip"; fi; }
 
 ui: setup
 	$(VENV)/bin/xcam ui
