@@ -66,11 +66,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(table.read_text())
 
 
+def batch_dir(settings, name: str) -> Path:
+    """`data/incoming/<name>`, refusing a name that is not one plain folder name (a
+    `--batch ../x` must not write outside the drop zone)."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 32 for c in name) or name.startswith(".")):
+        raise SystemExit(f"xcam: --batch {name!r} is not a plain folder name (no '/', "
+                         "'\\', '..', leading '.' or control characters)")
+    return settings.incoming_dir / name
+
+
 def cmd_import_tbx11k(args: argparse.Namespace) -> None:
     from xcam_assets.ingest.tbx11k import import_tbx11k
 
     s = load_settings()
-    out = s.incoming_dir / args.batch
+    out = batch_dir(s, args.batch)
     import_tbx11k(Path(args.source), out, limit=args.limit)
     (out / ".complete").touch()
     print(f"imported TBX11K into {out}; run with XCAM_STUDY=tbx11k (finding ActiveTuberculosis)")
@@ -81,18 +91,24 @@ def cmd_import_labels(args: argparse.Namespace) -> None:
     from xcam_assets.ingest.adapters.registry import read_labels
 
     s = load_settings()
-    batch_dir = s.incoming_dir / args.batch
-    summary = write_batch_labels_for(read_labels(args.format, *args.tables), batch_dir)
-    print(f"wrote {batch_dir / 'labels.csv'}: {summary}")
+    folder = batch_dir(s, args.batch)
+    summary = write_batch_labels_for(read_labels(args.format, *args.tables), folder)
+    print(f"wrote {folder / 'labels.csv'}: {summary}")
+
+
+def ui_command(args: argparse.Namespace) -> list[str]:
+    """The `dagster dev` command line `xcam ui` runs: webserver + daemon on `--host`
+    (default 127.0.0.1: the UI is not reachable from other machines unless asked)."""
+    dagster = Path(sys.executable).parent / "dagster"
+    return [str(dagster), "dev", "-w", "workspace.yaml", "-h", args.host, "-p", str(args.port)]
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
     s = load_settings()
     os.environ.setdefault("DAGSTER_HOME", str(s.root / "dagster_home"))
-    dagster = Path(sys.executable).parent / "dagster"
+    command = ui_command(args)
     os.chdir(s.root)
-    os.execv(str(dagster), [str(dagster), "dev", "-w", "workspace.yaml",
-                            "-h", args.host, "-p", str(args.port)])
+    os.execv(command[0], command)
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -106,7 +122,7 @@ def cmd_dvc(args: argparse.Namespace) -> None:
     raise SystemExit(_dvc(load_settings(), *args.dvc_args, check=False))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xcam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="demo cohort -> every asset -> DVC commit/push")
@@ -144,7 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("dvc", help="run DVC from its isolated environment")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_dvc)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.fn(args)
 
 

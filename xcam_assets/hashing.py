@@ -2,7 +2,11 @@
 
 Dagster data versions and the provenance records use these hashes, and every
 artifact under `data/` is written to a temporary name and renamed into place,
-so a killed run never leaves a half-written file under its final name.
+so a killed run never leaves a half-written file under its final name. A temporary
+name says whose it is (`.<final name>.<pid>.<random>.tmp`): `remove_stale_temps` clears
+those of dead writers (each asset calls it on its output folder before writing), and
+`dvc_tree` skips them, as `.dvcignore` (`.*.tmp`) makes DVC do, so a live writer's temp
+file never enters a hash and a killed one's never reaches the DVC cache.
 
 DVC agreement: an asset's Dagster data version is `dvc_md5(output)`, computed the
 way DVC 3 computes the hash it writes to `dvc.lock` (`hash: md5`): a file's md5 of
@@ -10,8 +14,8 @@ its bytes; a directory's `<md5>.dir`, the md5 of the JSON list
 `[{"md5": <file md5>, "relpath": <posix path>}, ...]` sorted by relpath and dumped
 with `json.dumps(..., sort_keys=True)` (dvc_data.hashfile.tree.Tree.as_bytes). Every
 file below the directory counts (symlinks followed, empty folders not); outputs hold
-no file that `.dvcignore` would hide. tests/automation/test_dvc_agreement.py checks
-this against `dvc` itself.
+no file that `.dvcignore` would hide except temporary files (`.*.tmp`), which both skip.
+tests/automation/test_dvc_agreement.py checks this against `dvc` itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
+#: a temporary file of `temp_path`: `.<final name>.<writer pid>.<random>[suffix].tmp`
+TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?\.tmp$")
 
 
 def sha256_file(path: Path) -> str:
@@ -53,6 +60,8 @@ def dvc_tree(root: Path) -> list[dict[str, str]]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         for name in filenames:
+            if is_temp_name(name):
+                continue  # a writer's temporary file (.dvcignore: `.*.tmp`)
             path = Path(dirpath) / name
             entries.append({"md5": md5_file(path),
                             "relpath": path.relative_to(root).as_posix()})
@@ -91,8 +100,12 @@ def dvc_data_version(path: Path, manifest_home: Path | str | None = None) -> str
 
     For a folder the `.dir` manifest is also kept, content-addressed, under
     `<manifest_home>/manifests/<md5[:2]>/<md5[2:]>` (default: $DAGSTER_HOME, beside
-    the event log), so that `xcam audit` can name the file that changed later."""
+    the event log), so that `xcam audit` can name the file that changed later.
+
+    Temporary files left below `path` (or beside the file) by a killed writer are
+    removed first (`remove_stale_temps`); a live writer's are not hashed (`dvc_tree`)."""
     path = Path(path)
+    remove_stale_temps(path if path.is_dir() else path.parent, recursive=path.is_dir())
     if not path.is_dir():
         return md5_file(path)
     entries = dvc_tree(path)
@@ -129,15 +142,76 @@ def tree_hash(root: Path, pattern: str = "**/*") -> str:
     return combine_hashes((p.relative_to(root).as_posix(), sha256_file(p)) for p in files)
 
 
-@contextmanager
-def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `final`; rename it over `final` on success only."""
+def is_temp_name(name: str) -> bool:
+    """A temporary file name (`.*.tmp`, the pattern in `.dvcignore`)."""
+    return len(name) > 4 and name.startswith(".") and name.endswith(".tmp")
+
+
+def temp_path(final: Path, suffix: str = "") -> Path:
+    """A new empty temporary file beside `final`, named for its writer:
+    `.<final name>.<pid>.<random><suffix>.tmp` (renamed over `final` when complete)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp",
-                               dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.",
+                               suffix=f"{suffix}.tmp", dir=final.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+def process_alive(pid: int, start_ticks: str | None = None) -> bool:
+    """Whether process `pid` runs on this host (a zombie counts as gone). With
+    `start_ticks` (field 22 of /proc/<pid>/stat, see `process_start_ticks`) a later
+    process that reuses the number does not count either."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): the signal test is all there is
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return False
+    return start_ticks is None or fields[19] == start_ticks
+
+
+def process_start_ticks(pid: int | None = None) -> str | None:
+    """When process `pid` (default: this one) started, in clock ticks after boot (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def remove_stale_temps(folder: Path, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files below `folder` whose writer process is gone (a run
+    killed mid-write leaves them); a live writer's are kept. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    paths = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    for path in sorted(paths):
+        match = TEMP_NAME.match(path.name)
+        if match and path.is_file() and not process_alive(int(match["pid"])):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+@contextmanager
+def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `final` (`temp_path`); rename it over `final` on success
+    only, after an fsync, so a crash leaves the old file or the new one, never a part."""
+    final = Path(final)
+    tmp_path = temp_path(final, suffix)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:

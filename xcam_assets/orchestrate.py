@@ -4,18 +4,28 @@ The `xcam` CLI and the DVC stages (dvc.yaml) call these, so every
 materialization - from the UI, the CLI or `dvc repro` - lands in the same
 event log, tagged with where, by whom and with what it ran (xcam_assets.provenance). Each stage is one in-process Dagster run per partition; a failed
 blocking check fails its run and stops the stages after it.
+
+A run whose process died (kill -9, OOM, power cut) stays STARTED in the instance and
+keeps the concurrency-pool slots it held (the `ingest` pool: every later raw copy would
+wait for ever; the nightly automation would take the asset as still in progress).
+Each run is tagged with its process (`xcam/pid`, `xcam/pid_start`, `xcam/host`), and
+every stage first marks the runs of dead xcam processes on this host failed and gives
+back their slots (`reap_dead_runs`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 
 import dagster as dg
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
 
 from xcam_assets.automation import complete_batches
 from xcam_assets.config import Settings, load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
+from xcam_assets.hashing import process_alive, process_start_ticks
 from xcam_assets.provenance import execution_tags
 from xcam_assets.resources import XcamConfig, batch_partitions
 
@@ -63,7 +73,43 @@ def run_tags(resource: XcamConfig) -> dict[str, str]:
     tags = execution_tags(resource.settings(), launched_by="dvc" if stage else "cli")
     if stage:
         tags["xcam/dvc_stage"] = stage
+    tags[TAG_PID] = str(os.getpid())
+    tags[TAG_PID_START] = process_start_ticks() or ""
     return tags
+
+
+TAG_PID, TAG_PID_START = "xcam/pid", "xcam/pid_start"
+#: statuses of a run whose process may still be working on it
+_UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
+
+
+def reap_dead_runs(instance: dg.DagsterInstance,
+                   log: Callable[[str], None] = print) -> list[str]:
+    """Mark failed the unfinished in-process runs of xcam processes on this host that
+    are gone, and free the concurrency slots of every finished run that still holds
+    some. Returns the run ids marked failed."""
+    host = socket.gethostname()
+    reaped = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_UNFINISHED,
+                                                       tags={"xcam/host": host})):
+        pid = run.tags.get(TAG_PID)
+        if not pid or process_alive(int(pid), run.tags.get(TAG_PID_START) or None):
+            continue
+        instance.report_run_failed(run, message=(
+            f"xcam: the process that ran this run (pid {pid} on {host}) is gone (killed?); "
+            "marked failed by a later xcam run, its pool slots freed"))
+        reaped.append(run.run_id)
+        log(f"run {run.run_id[:8]} of dead process {pid} marked failed")
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
+        holders = list(storage.get_concurrency_run_ids())
+        if holders:
+            finished = instance.get_runs(filters=dg.RunsFilter(
+                run_ids=holders, statuses=list(FINISHED_STATUSES)))
+            for run in finished:
+                storage.free_concurrency_slots_for_run(run.run_id)
+    return reaped
 
 
 def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
@@ -96,6 +142,7 @@ def materialize_stage(stage: str, settings: Settings | None = None,
     settings = settings or load_settings()
     resource = resource or XcamConfig()
     instance = instance or project_instance(settings)
+    reap_dead_runs(instance, log)
     keys = STAGES[stage]
     if stage in ("ingest", "preprocess"):
         batches = known_batches(settings)
@@ -120,6 +167,7 @@ def materialize_all(settings: Settings | None = None, resource: XcamConfig | Non
     settings = settings or load_settings()
     resource = resource or XcamConfig()
     instance = instance or project_instance(settings)
+    reap_dead_runs(instance, log)
     batches = known_batches(settings)
     if not batches:
         raise StageFailed(f"no complete batch under {settings.incoming_dir}")

@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -10,7 +11,7 @@ from xcam_assets.hashing import atomic_path, atomic_write_parquet, dvc_data_vers
 from xcam_assets.ingest.cohorts import balanced_subset, patient_split, split_summary
 from xcam_assets.ingest.deid import pseudonym_key
 from xcam_assets.ingest.inventory import IngestPolicy, KnownImages, inventory_rows
-from xcam_assets.ingest.labels import read_batch_labels
+from xcam_assets.ingest.labels import BOX_DTYPE, screen_batch_labels
 from xcam_assets.resources import XcamConfig, batch_partitions
 
 GROUP = "ingest"
@@ -26,16 +27,21 @@ def _file_listing(root) -> list[tuple[str, str]]:
 def raw_dicoms(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
     """The DICOM files (and labels) of one arrival batch, copied into the immutable
     store `data/raw/<batch>/`. A file already there is never altered: a same-named
-    file with other content is reported, not copied."""
+    file with other content is reported, not copied. A symbolic link is never
+    followed (reported, not copied): an upload must not pull files from elsewhere on
+    the machine (a key, another site's data) into the store and its DVC remote."""
     s = xcam.settings()
     batch = context.partition_key
     src, dst = s.incoming_dir / batch, s.raw_dir / batch
     if not src.is_dir() and not dst.is_dir():
         raise dg.Failure(f"batch {batch!r}: neither {src} nor {dst} exists")
-    copied, unchanged, conflicts = 0, 0, []
+    copied, unchanged, conflicts, links = 0, 0, [], []
     if src.is_dir():
         for path in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = path.relative_to(src)
+            if any((src / Path(*rel.parts[:i])).is_symlink() for i in range(1, len(rel.parts) + 1)):
+                links.append(rel.as_posix())
+                continue
             target = dst / rel
             if target.exists():
                 if sha256_file(target) == sha256_file(path):
@@ -50,9 +56,13 @@ def raw_dicoms(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Materi
     if conflicts:
         context.log.warning(f"{len(conflicts)} file(s) differ from the stored raw copy and were "
                             f"not copied: {conflicts[:5]}")
+    if links:
+        context.log.warning(f"{len(links)} symbolic link(s) in the batch were not followed "
+                            f"or copied: {links[:5]}")
     return dg.MaterializeResult(
         metadata={"n_files": len(listing), "copied": copied, "unchanged": unchanged,
-                  "conflicts": conflicts, "path": dg.MetadataValue.path(str(dst)),
+                  "conflicts": conflicts, "symlinks_not_copied": links,
+                  "path": dg.MetadataValue.path(str(dst)),
                   "bytes": sum((dst / f).stat().st_size for f, _ in listing)},
         data_version=dg.DataVersion(dvc_data_version(dst)),
     )
@@ -103,31 +113,93 @@ def dicom_inventory(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.M
     )
 
 
-@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="1",
+FINDINGS_SCHEMA: dict[str, pl.DataType] = {
+    "file": pl.String(), "finding": pl.String(), "present": pl.Boolean(),
+    "boxes": pl.List(BOX_DTYPE), "mask_file": pl.String(), "label_rows": pl.List(pl.Int64()),
+    "image_key": pl.String(), "status": pl.String(), "reason": pl.String(),
+    "batch": pl.String(),
+}
+"""Columns of data/findings/<batch>.parquet: one row per (file, finding) of labels.csv,
+plus one per rejected label row. `label_rows`: the labels.csv data rows behind it."""
+
+
+def _outside_boxes(labels: pl.DataFrame, sizes: dict[str, tuple[int, int]],
+                   name: str) -> tuple[pl.DataFrame, list[dict]]:
+    """Labels without the boxes that do not lie inside their (ingested) image, and one
+    rejected-row record per such box, naming its row."""
+    kept, rejected = [], []
+    for row in labels.iter_rows(named=True):
+        w, h = sizes.get(row["file"], (None, None))
+        boxes, box_rows = [], []
+        for box, n in zip(row["boxes"], row["box_rows"], strict=True):
+            if w is not None and h is not None and (box["x_max"] > w or box["y_max"] > h):
+                rejected.append({
+                    "label_row": n, "file": row["file"], "finding": row["finding"],
+                    "reason": (f"{name}: row {n}: box x {box['x_min']:g}..{box['x_max']:g}, "
+                               f"y {box['y_min']:g}..{box['y_max']:g} lies outside the "
+                               f"{w}x{h} image (x_max <= columns, y_max <= rows)")})
+            else:
+                boxes.append(box)
+                box_rows.append(n)
+        dropped = set(row["box_rows"]) - set(box_rows)  # a box row holds one box: it is out
+        rows = [n for n in row["label_rows"] if n not in dropped]
+        if rows:  # else every row of this (file, finding) was rejected
+            kept.append({**row, "boxes": boxes, "box_rows": box_rows, "label_rows": rows})
+    return pl.DataFrame(kept, schema=labels.schema), rejected
+
+
+@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="2",
           deps=[dicom_inventory], kinds={"polars"})
 def findings(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
     """Canonical labels of the batch: image_key, finding, present, boxes, mask file.
 
     `status` says whether the labelled file is an ingested image (`ok`), a
-    quarantined one, or missing from the batch (the blocking check fails on that)."""
+    quarantined one, missing from the batch, or whether the label row itself was
+    rejected (`rejected_label`: malformed values, an unsafe path, a box outside its
+    image, a contradiction; `reason` names the row). The blocking check
+    `labels_match_images` fails on missing images and rejected rows, naming each;
+    good rows are kept, so every problem of the file shows at once."""
     s = xcam.settings()
     batch = context.partition_key
     labels_path = s.raw_dir / batch / "labels.csv"
     if not labels_path.exists():
         raise dg.Failure(f"batch {batch!r} has no labels.csv at {labels_path}")
-    labels = read_batch_labels(labels_path)
+    name = f"{batch}/labels.csv"
+    labels, rejected = screen_batch_labels(labels_path, name)
     inv = pl.read_parquet(s.inventory_dir / f"{batch}.parquet",
-                          columns=["file", "image_key", "status"])
-    frame = (labels.join(inv.rename({"status": "image_status"}), on="file", how="left")
-             .with_columns(
-                 pl.when(pl.col("image_status").is_null()).then(pl.lit("missing_image"))
-                 .when(pl.col("image_status") == "quarantined").then(pl.lit("quarantined_image"))
-                 .otherwise(pl.lit("ok")).alias("status"),
-                 pl.lit(batch).alias("batch"))
-             .drop("image_status")
-             .sort("file", "finding"))
+                          columns=["file", "image_key", "status", "rows", "columns"])
+    sizes = {f: (c, r) for f, st, r, c in inv.select("file", "status", "rows", "columns")
+             .iter_rows() if st == "ok" and r is not None and c is not None}
+    labels, outside = _outside_boxes(labels, sizes, name)
+    bad = pl.concat([rejected, pl.DataFrame(outside, schema=rejected.schema)])
+    good = (labels.join(inv.select("file", "image_key", pl.col("status").alias("image_status")),
+                        on="file", how="left")
+            .with_columns(
+                pl.when(pl.col("image_status").is_null()).then(pl.lit("missing_image"))
+                .when(pl.col("image_status") == "quarantined").then(pl.lit("quarantined_image"))
+                .otherwise(pl.lit("ok")).alias("status"),
+                pl.when(pl.col("image_status").is_null()).then(pl.concat_str(
+                    pl.lit(f"{name}: "),
+                    pl.when(pl.col("label_rows").list.len() > 1).then(pl.lit("rows "))
+                    .otherwise(pl.lit("row ")),
+                    pl.col("label_rows").cast(pl.List(pl.String)).list.join(", "),
+                    pl.lit(": names "), pl.col("file"),
+                    pl.lit(f", which is not a file of batch {batch}")))
+                .alias("reason")))
+    bad_rows = bad.select(
+        "file", "finding", pl.lit(None, pl.Boolean).alias("present"),
+        pl.lit([], pl.List(BOX_DTYPE)).alias("boxes"), pl.lit(None, pl.String).alias("mask_file"),
+        pl.concat_list("label_row").alias("label_rows"), pl.lit(None, pl.String).alias("image_key"),
+        pl.lit("rejected_label").alias("status"), "reason")
+    frame = (pl.concat([good.select([c for c in FINDINGS_SCHEMA if c != "batch"]), bad_rows])
+             .with_columns(pl.lit(batch).alias("batch"))
+             .sort("file", "finding", pl.col("label_rows").list.first())
+             .select([pl.col(c).cast(t) for c, t in FINDINGS_SCHEMA.items()]))
     out = s.findings_dir / f"{batch}.parquet"
     atomic_write_parquet(out, frame)
+    problems = frame.filter(pl.col("status").is_in(["rejected_label", "missing_image"]))
+    for row in problems.head(50).iter_rows(named=True):
+        context.log.warning(f"label problem: {row['reason']}")
     counts = (frame.filter(pl.col("status") == "ok").group_by("finding")
               .agg(pl.col("present").sum().alias("positive"), pl.len().alias("images"))
               .sort("finding"))
@@ -135,6 +207,10 @@ def findings(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Material
         metadata={"n_rows": frame.height,
                   "per_finding": dg.MetadataValue.md(counts.to_pandas().to_markdown(index=False)),
                   "n_missing_image": frame.filter(pl.col("status") == "missing_image").height,
+                  "n_rejected_rows": bad.height,
+                  "label_problems": dg.MetadataValue.md(
+                      problems.select("reason").head(50).to_pandas().to_markdown(index=False)
+                      if problems.height else "none"),
                   "path": dg.MetadataValue.path(str(out))},
         data_version=dg.DataVersion(dvc_data_version(out)),
     )

@@ -32,7 +32,8 @@ def ge_result(outcome, **metadata) -> dg.AssetCheckResult:
 @dg.asset_check(asset=raw_dicoms, blocking=True, partitions_def=batch_partitions)
 def raw_copy_is_faithful(context: dg.AssetCheckExecutionContext,
                          xcam: XcamConfig) -> dg.AssetCheckResult:
-    """Every incoming file has a byte-identical copy in data/raw (nothing lost or altered)."""
+    """Every incoming file has a byte-identical copy in data/raw (nothing lost or altered);
+    symbolic links are not files of the batch (never followed)."""
     s = xcam.settings()
     batch = context.partition_key
     src, dst = s.incoming_dir / batch, s.raw_dir / batch
@@ -40,7 +41,10 @@ def raw_copy_is_faithful(context: dg.AssetCheckExecutionContext,
     differing = []
     if src.is_dir():
         for p in sorted(q for q in src.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            target = dst / p.relative_to(src)
+            rel = p.relative_to(src)
+            if any(src.joinpath(*rel.parts[:i]).is_symlink() for i in range(1, len(rel.parts) + 1)):
+                continue  # never followed or copied (raw_dicoms reports them)
+            target = dst / rel
             if not target.exists() or sha256_file(target) != sha256_file(p):
                 differing.append(p.relative_to(src).as_posix())
     return dg.AssetCheckResult(
@@ -98,20 +102,35 @@ def inventory_is_usable(context: dg.AssetCheckExecutionContext,
 @dg.asset_check(asset=findings, blocking=True, partitions_def=batch_partitions)
 def labels_match_images(context: dg.AssetCheckExecutionContext,
                         xcam: XcamConfig) -> dg.AssetCheckResult:
-    """GE suite `findings`: no label for a missing image, one row per (file, finding);
-    every ingested image has a label; boxes lie inside their image."""
+    """GE suite `findings` + every label row valid (rejected rows named by file, row and
+    reason: malformed values, unsafe paths, boxes outside the image), no label for a
+    missing image (named with its row), every ingested image has a label, boxes lie
+    inside their image."""
     s = xcam.settings()
     batch = context.partition_key
     frame = pl.read_parquet(s.findings_dir / f"{batch}.parquet")
-    outcome = validate_frame(frame.drop("boxes"), suite(s, "findings"))
-    missing = frame.filter(pl.col("status") == "missing_image")["file"].unique().sort().to_list()
-    if missing:
+    outcome = validate_frame(frame.drop("boxes", "label_rows", strict=False),
+                             suite(s, "findings"))
+    if "reason" in frame.columns:
+        rejected = frame.filter(pl.col("status") == "rejected_label").sort(
+            pl.col("label_rows").list.first())["reason"].to_list()
+        if rejected:
+            outcome.success = False
+            outcome.failures.append({"expectation": "every label row is valid",
+                                     "column": "file", "unexpected_count": len(rejected),
+                                     "examples": rejected[:10]})
+    missing = frame.filter(pl.col("status") == "missing_image")
+    if missing.height:
+        outcome.success = False
+        examples = (missing["reason"].to_list() if "reason" in missing.columns else
+                    [f"labels.csv names {f}, not in batch {batch}"
+                     for f in missing["file"].unique().sort().to_list()])
         outcome.failures.append({"expectation": "every label names an image of the batch",
-                                 "column": "file", "unexpected_count": len(missing),
-                                 "examples": [f"labels.csv names {f}, not in batch {batch}"
-                                              for f in missing[:5]]})
+                                 "column": "file", "unexpected_count": missing.height,
+                                 "examples": examples[:10]})
     inv = pl.read_parquet(s.inventory_dir / f"{batch}.parquet").filter(pl.col("status") == "ok")
-    unlabelled = sorted(set(inv["file"].to_list()) - set(frame["file"].to_list()))
+    labelled = frame.filter(pl.col("status") != "rejected_label")["file"].to_list()
+    unlabelled = sorted(set(inv["file"].to_list()) - set(labelled))
     if unlabelled:
         outcome.success = False
         outcome.failures.append({"expectation": "every ingested image has a label row",

@@ -23,6 +23,7 @@ that contradicts the pixels (e.g. MONOCHROME1 written on MONOCHROME2 data).
 
 from __future__ import annotations
 
+import re
 from os import PathLike
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,6 +94,19 @@ class DicomDecodeError(ValueError):
         return f"{self.path}: {self.reason}"
 
 
+_QUOTED = re.compile(r"""(?<![A-Za-z0-9])(b?)(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""")
+
+
+def withhold_values(message: str) -> str:
+    """An error message with every quoted literal (`'...'`, `b'...'`) withheld.
+
+    Parser and decoder errors quote the bytes they choked on, and a malformed file's
+    bytes may be any header value, patient data included; such messages become
+    quarantine reasons, log lines and inventory rows, so the literal is replaced by
+    `'<withheld>'` and the rest of the message (what went wrong, where) is kept."""
+    return _QUOTED.sub(lambda m: f"{m.group(1)}'<withheld>'", message)
+
+
 def _str_or_none(value: Any) -> str | None:
     if value is None:
         return None
@@ -158,6 +172,22 @@ def _raw_value(ds: Dataset, tag: int, kind: str) -> Any:
     return _int_or_none(text) if kind == "is" else text
 
 
+def _plain_value(ds: Dataset, tag: int, kind: str) -> Any:
+    """`_raw_value`, also for an element pydicom has converted already (pixel decoding
+    converts BitsStored and friends): the single value when its VR is the expected one
+    (US for "us", DS for "ds", CS for "str"), None when absent, `_MISSING` otherwise."""
+    value = _raw_value(ds, tag, kind)
+    elem = ds.get_item(tag)
+    if value is not _MISSING or isinstance(elem, RawDataElement):
+        return value
+    v, vr = elem.value, elem.VR
+    if kind == "us":
+        return v if vr == "US" and isinstance(v, int) else _MISSING
+    if kind == "ds":
+        return str(v) if vr == "DS" and isinstance(v, int | float) else _MISSING
+    return v if vr == "CS" and isinstance(v, str) else _MISSING
+
+
 def header_from_dataset(ds: Dataset) -> dict[str, Any]:
     """The `HEADER_FIELDS` of a parsed dataset (`has_pixel_data`: a Pixel Data element)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -213,10 +243,23 @@ def _modality_range(ds: Dataset) -> tuple[float, float]:
         lo, hi = 0.0, float(2**bits - 1)
     else:
         lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope is not None and intercept is not None:
-        lo, hi = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    rescale = _rescale(ds)
+    if rescale is not None:
+        lo, hi = lo * rescale[0] + rescale[1], hi * rescale[0] + rescale[1]
     return lo, hi
+
+
+def _rescale(ds: Dataset) -> tuple[float, float] | None:
+    """(slope, intercept) when both elements are present, else None (no rescale), as
+    pydicom's Modality LUT and windowing read them. Raises ValueError when one is
+    present but empty (pydicom would multiply by None or '') and TypeError/ValueError
+    for a value that is not one number: the inventory quarantines such a file."""
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return None
+    slope, intercept = ds.RescaleSlope, ds.RescaleIntercept
+    if slope in (None, "") or intercept in (None, ""):
+        raise ValueError("RescaleSlope or RescaleIntercept is present but empty")
+    return float(slope), float(intercept)
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
@@ -264,7 +307,7 @@ def _open(source: str | PathLike[str] | Dataset) -> tuple[Dataset, str]:
     try:
         return pydicom.dcmread(source), label
     except Exception as exc:  # any parser failure: same error type for callers
-        raise DicomDecodeError(label, f"not a readable DICOM file: {exc}") from exc
+        raise DicomDecodeError(label, f"not a readable DICOM file: {withhold_values(str(exc))}") from exc
 
 
 def _stored_pixels(ds: Dataset, label: str) -> np.ndarray:
@@ -285,7 +328,8 @@ def _stored_pixels(ds: Dataset, label: str) -> np.ndarray:
     except Exception as exc:  # decoders raise many types; keep their message
         name = getattr(tsyntax, "name", None) or str(tsyntax)
         raise DicomDecodeError(
-            label, f"cannot decode pixel data (transfer syntax {name}): {exc}") from exc
+            label, f"cannot decode pixel data (transfer syntax {name}): "
+                   f"{withhold_values(str(exc))}") from exc
     if stored.ndim != 2:
         raise DicomDecodeError(label, f"expected a 2-D image, got shape {stored.shape}")
     return stored
@@ -293,8 +337,8 @@ def _stored_pixels(ds: Dataset, label: str) -> np.ndarray:
 
 def _to_unit(stored: np.ndarray, ds: Dataset, label: str) -> np.ndarray:
     """Stored values -> unit brightness (pointwise, so it commutes with subsampling)."""
+    first, last = _modality_range(ds)  # first: it names an empty slope/intercept clearly
     values = apply_modality_lut(stored, ds)
-    first, last = _modality_range(ds)
     if _has_voi_lut(ds):
         lut = np.asarray(ds.VOILUTSequence[0].LUTData)
         out = apply_voi_lut(values, ds, index=0)
@@ -303,7 +347,7 @@ def _to_unit(stored: np.ndarray, ds: Dataset, label: str) -> np.ndarray:
         try:
             out = apply_voi_lut(values, ds, index=0)
         except ValueError as exc:
-            raise DicomDecodeError(label, f"invalid VOI window: {exc}") from exc
+            raise DicomDecodeError(label, f"invalid VOI window: {withhold_values(str(exc))}") from exc
         unit = _scale(out, first, last)
     else:
         unit = _scale(values, min(first, last), max(first, last))
@@ -434,22 +478,45 @@ def _linear_view(stored: np.ndarray, ds: Dataset,
     Rescale slope/intercept (linear, so only its sign matters to `photometric_score`)
     and an optional LINEAR window (PS3.3 C.11.2.1.2.1, in window-normalised units); a
     VOI/Modality LUT sequence, another VOI function or several windows return (None,
-    None) and the caller maps through pydicom. MONOCHROME1 is inverted."""
+    None) and the caller maps through pydicom. MONOCHROME1 is inverted.
+
+    Taken only when every element pydicom's own mapping (`decode_u8`, at
+    `clahe_tensors`) will read is unambiguous in its raw bytes: slope and intercept
+    both absent or both one DS number, center and width both absent or both one DS
+    number with BitsStored/PixelRepresentation plain US values and VOILUTFunction absent
+    or LINEAR. Anything else (a lone WindowCenter, an empty or text-typed slope, a window
+    without PixelRepresentation, found by tests/ingest/test_fuzz.py) goes through the
+    pydicom mapping here too, so a file the inventory admits is one `decode_u8` decodes."""
     if ds.get_item(0x00283000) is not None or ds.get_item(0x00283010) is not None:
         return None, None  # Modality / VOI LUT Sequence
-    slope = header["rescale_slope"]
-    if slope is None or header["rescale_intercept"] is None or slope == 0:
+    raw_slope = _plain_value(ds, 0x00281053, "ds")
+    raw_intercept = _plain_value(ds, 0x00281052, "ds")
+    if raw_slope is None and raw_intercept is None:
+        slope, intercept = 1.0, 0.0
+    else:
+        try:
+            slope, intercept = float(raw_slope), float(raw_intercept)  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # one absent, empty, multi-valued, another VR
+            return None, None
+    if slope == 0:
         return None, None
     values = stored.astype(np.float32) * np.float32(slope)
     has_center, has_width = ds.get_item(0x00281050), ds.get_item(0x00281051)
-    if has_center is not None and has_width is not None:
-        function = _raw_value(ds, 0x00281056, "str")
-        center, width = _raw_value(ds, 0x00281050, "ds"), _raw_value(ds, 0x00281051, "ds")
-        if function not in (None, "LINEAR") or center is _MISSING or width is _MISSING:
+    if (has_center is None) != (has_width is None):
+        return None, None
+    if has_center is not None:
+        function = ds.get_item(0x00281056)
+        if function is not None and (_plain_value(ds, 0x00281056, "str") != "LINEAR"
+                                     or function.VR not in (None, "CS")):
             return None, None
+        if not all(isinstance(_plain_value(ds, tag, "us"), int)
+                   for tag in (0x00280101, 0x00280103)):  # BitsStored, PixelRepresentation
+            return None, None
+        center = _plain_value(ds, 0x00281050, "ds")
+        width = _plain_value(ds, 0x00281051, "ds")
         try:
-            c = float(center) - header["rescale_intercept"]
-            w = float(width)
+            c = float(center) - intercept  # type: ignore[arg-type]
+            w = float(width)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return None, None
         if w < 1:
@@ -494,7 +561,11 @@ def check_pixels(ds: Dataset, label: str = "<dataset>", photometric_check: bool 
     except DicomDecodeError as exc:
         return exc.reason, None
     except Exception as exc:  # a LUT or header value pydicom chokes on
-        return f"cannot map pixel values to brightness: {exc}"[:300], None
+        return (f"cannot map pixel values to brightness: {type(exc).__name__}: "
+                f"{withhold_values(str(exc))}")[:300], None
+    if not np.isfinite(view).all():  # e.g. RescaleSlope "nan" or "inf": every pixel garbage
+        return ("pixel values map to NaN or infinity: RescaleSlope, RescaleIntercept or the "
+                "VOI window is not a finite number (or absurdly large)"), None
     if blank:
         return "blank image after the VOI window: every pixel maps to one grey level", None
     score = photometric_score(view)

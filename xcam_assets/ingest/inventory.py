@@ -16,14 +16,23 @@ cannot see each other; run batches one after the other (the `ingest` pool does).
 
 PHI: rows carry only HMAC pseudonyms (image, patient, study) and technical header
 facts; reasons never quote a header value other than modality, body part, view,
-photometric interpretation, sizes and transfer syntax. File names are kept (they
-locate the raw copy): an uploader must not put patient names in file names.
+photometric interpretation, sizes and transfer syntax, and those only when they are
+short code strings / UIDs (`sanitise_header`: a value that swallowed its neighbours
+through a lying VR or length is withheld and the file quarantined); parser and
+decoder messages have their quoted literals withheld (`dicom.withhold_values`).
+File names are kept (they locate the raw copy): an uploader must not put patient
+names in file names.
+
+Hostile files: `scan_file` never raises for a file; whatever goes wrong becomes the
+row's reason. tests/ingest/test_fuzz.py holds that (and "admitted means `decode_u8`
+decodes it") over thousands of hand-encoded hostile files on every test run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +49,7 @@ from xcam_assets.ingest.dicom import (
     header_from_dataset,
     parse_header,
     transfer_syntax_problem,
+    withhold_values,
 )
 
 NON_IMAGE_NAMES = {"labels.csv", "demo_cohort.json", "README.md", ".complete"}
@@ -168,40 +178,101 @@ def header_reason(header: Mapping[str, Any], policy: IngestPolicy) -> str | None
     return None
 
 
+# Header text the inventory may store and quote: a DICOM code string (PS3.5: at most 16
+# characters; lower case and '-' tolerated, as real exports write them) or a UID.
+_CODE_STRING = re.compile(r"[A-Za-z0-9_ -]{1,16}")
+_UID_TEXT = re.compile(r"[0-9.]{1,64}")
+_CODE_FIELDS = (("modality", "Modality"), ("body_part", "BodyPartExamined"),
+                ("view_position", "ViewPosition"),
+                ("photometric_interpretation", "PhotometricInterpretation"))
+
+
+def sanitise_header(header: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Header facts safe to store and quote, and why the header is malformed (or None).
+
+    A value the inventory stores and may quote in a reason (modality, body part, view,
+    photometric interpretation, transfer syntax) must be a short code string or a UID.
+    Anything else (a value that swallowed its neighbours because a VR or length lies,
+    control characters, an over-long text) is replaced by None and the file is
+    quarantined without quoting it: such a value may hold patient data."""
+    out = dict(header)
+    problems = []
+    for key, keyword in _CODE_FIELDS:
+        value = out.get(key)
+        if value is not None and not _CODE_STRING.fullmatch(value):
+            out[key] = None
+            problems.append(f"{keyword} is not a DICOM code string ({len(value)} characters)")
+    tsyntax = out.get("transfer_syntax_uid")
+    if tsyntax is not None and not _UID_TEXT.fullmatch(tsyntax):
+        out["transfer_syntax_uid"] = None
+        problems.append(f"TransferSyntaxUID is not a UID ({len(tsyntax)} characters)")
+    if not problems:
+        return out, None
+    return out, ("malformed header: " + "; ".join(problems)
+                 + " (values withheld: a malformed value may hold patient data)")
+
+
+def _quarantine(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    row.update(status="quarantined", reason=reason[:_REASON_MAX])
+    return row
+
+
 def scan_file(path: Path, rel: str, batch: str, key: bytes,
               policy: IngestPolicy) -> dict[str, Any]:
-    """One inventory row for one file (status/reason filled, duplicates not yet judged)."""
+    """One inventory row for one file (status/reason filled, duplicates not yet judged).
+
+    Never raises for a bad file: a file that cannot be read, or that makes any check
+    fail unexpectedly, is quarantined with the error as the reason (the fuzz tests in
+    tests/ingest/test_fuzz.py hold this over thousands of hostile files)."""
     row: dict[str, Any] = dict.fromkeys(INVENTORY_SCHEMA)
-    data = path.read_bytes()
-    row.update(batch=batch, file=rel, sha256=hashlib.sha256(data).hexdigest(),
-               size_bytes=len(data), status="ok", key_id=key_id(key))
+    row.update(batch=batch, file=rel, status="ok", key_id=key_id(key))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return _quarantine(row, f"unreadable file: {type(exc).__name__} "
+                                f"(errno {exc.errno}: {exc.strerror})")
+    row.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    try:
+        return _scan_bytes(row, data, rel, key, policy)
+    except Exception as exc:  # a check that choked on a value: still one quarantined row
+        for k in (*_HEADER_COLUMNS, "image_key", "patient_key", "study_key",
+                  "photometric_score"):
+            row[k] = None
+        return _quarantine(row, f"unreadable DICOM (a header or pixel value the reader "
+                                f"cannot interpret): {type(exc).__name__}: "
+                                f"{withhold_values(str(exc))}")
+
+
+def _scan_bytes(row: dict[str, Any], data: bytes, rel: str, key: bytes,
+                policy: IngestPolicy) -> dict[str, Any]:
     if not data:
-        row.update(status="quarantined", reason="empty file (0 bytes): nothing was uploaded")
-        return row
+        return _quarantine(row, "empty file (0 bytes): nothing was uploaded")
     try:
         ds, header = _parse(data, policy.decode)
         if len(ds) == 0:
             raise EOFError("no data element after the file meta information")
     except InvalidDicomError as exc:
-        row.update(status="quarantined",
-                   reason=f"not a DICOM file (no DICM preamble/meta header): {exc}"[:_REASON_MAX])
-        return row
+        # pydicom's fixed text (it quotes no value of the file)
+        return _quarantine(row, f"not a DICOM file (no DICM preamble/meta header): {exc}")
     except Exception as exc:  # any parser failure is a quarantine reason, not a crash
-        row.update(status="quarantined", reason=(
-            f"unreadable DICOM (truncated or corrupt header): {type(exc).__name__}: "
-            f"{exc}")[:_REASON_MAX])
-        return row
+        return _quarantine(row, f"unreadable DICOM (truncated or corrupt header): "
+                                f"{type(exc).__name__}: {withhold_values(str(exc))}")
+    header, malformed = sanitise_header(header)
+    facts = {k: header.get(k) for k in _HEADER_COLUMNS}
+    for k in ("bits_allocated", "bits_stored", "rows", "columns"):
+        if facts[k] is not None and not -(2**63) <= facts[k] < 2**63:
+            facts[k] = None  # a 20-digit Rows must not break the table (Int64)
     row.update(image_key=pseudonymise(header.get("sop_instance_uid"), key, prefix="I"),
                patient_key=pseudonymise(header.get("patient_id"), key, prefix="P"),
                study_key=pseudonymise(header.get("study_instance_uid"), key, prefix="S"),
-               **{k: header.get(k) for k in _HEADER_COLUMNS})
-    reason = header_reason(header, policy)
+               **facts)
+    reason = malformed or header_reason(header, policy)
     if reason is None and policy.decode:
         reason, score = check_pixels(ds, rel, photometric_check=policy.photometric_check,
                                      header=header)
         row["photometric_score"] = None if score is None else round(score, 4)
     if reason:
-        row.update(status="quarantined", reason=reason[:_REASON_MAX])
+        return _quarantine(row, reason)
     return row
 
 
@@ -244,4 +315,5 @@ def inventory_rows(
 
 
 __all__ = ["INVENTORY_SCHEMA", "IngestPolicy", "KnownImages",
-           "candidate_files", "header_reason", "inventory_rows", "scan_file"]
+           "candidate_files", "header_reason", "inventory_rows", "sanitise_header",
+           "scan_file"]

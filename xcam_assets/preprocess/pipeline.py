@@ -16,7 +16,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from xcam_assets.hashing import atomic_write_parquet, sha256_file
+from xcam_assets.hashing import atomic_write_parquet, remove_stale_temps, sha256_file, temp_path
 from xcam_assets.ingest.dicom import decode_u8
 from xcam_assets.preprocess.clahe import clahe_tensor
 from xcam_assets.preprocess.store import verify_batch
@@ -183,8 +182,7 @@ def preprocess_batch(
     t0 = time.perf_counter()
     params_hash = params.digest()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob(".images.*.npy"), *out_dir.glob(".regions.*.npy")]:
-        stale.unlink()  # temp shards of a killed run (one writer per batch: the asset's pool)
+    remove_stale_temps(out_dir, recursive=False)  # temp shards of a killed run
     reuse = _reusable(out_dir, params_hash)
     keys = [(j.image_key, j.source_sha256, j.labels_digest()) for j in jobs]
     old_rows = [reuse.get(k) for k in keys]
@@ -194,8 +192,8 @@ def preprocess_batch(
                             seconds=time.perf_counter() - t0, rewritten=False)
 
     n, s, f = len(jobs), params.size, len(params.findings)
-    tmp_images = Path(tempfile.mkstemp(prefix=".images.", suffix=".npy", dir=out_dir)[1])
-    tmp_regions = Path(tempfile.mkstemp(prefix=".regions.", suffix=".npy", dir=out_dir)[1])
+    tmp_images = temp_path(out_dir / "images.npy")
+    tmp_regions = temp_path(out_dir / "regions.npy")
     try:
         images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
                                            shape=(n, s, s))

@@ -11,7 +11,10 @@ columns of `xcam_assets.ingest.labels` (`file`, `finding`, `present`, `boxes`,
   are pixels of the stored image already, as for VinDr-CXR and the canonical CSV);
 * `mask_rle`: SIIM's run-length masks (one string per annotated region), else empty.
 
-Boxes are 0-based pixels with exclusive max (`x_max = x + w`). `file` is the
+Boxes are 0-based pixels with exclusive max (`x_max = x + w`). A malformed row of a
+table (a coordinate that is not a finite number, a bad RLE string) makes the adapter
+raise `LabelError` naming the table and every bad row (data rows counted from 1, the
+header is row 0): an import writes nothing until the table is fixed. `file` is the
 dataset's native image name (`<ImageId>.dcm`, `00000001_000.png`, ...):
 `batch.write_batch_labels_for` matches it to the files of a batch folder by stem,
 scales boxes to each stored image, renders masks and writes `labels.csv`.
@@ -29,9 +32,11 @@ scales boxes to each stored image, renders masks and writes `labels.csv`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
-from xcam_assets.ingest.labels import BOX_DTYPE
+from xcam_assets.ingest.labels import BOX_DTYPE, LabelError
 
 ADAPTER_SCHEMA: dict[str, pl.DataType] = {
     "file": pl.String(), "finding": pl.String(), "present": pl.Boolean(),
@@ -56,3 +61,23 @@ def xywh_boxes(x: str, y: str, w: str, h: str) -> pl.Expr:
     """A canonical box struct from x, y, width, height columns (exclusive max)."""
     return pl.struct(x_min=pl.col(x), y_min=pl.col(y), x_max=pl.col(x) + pl.col(w),
                      y_max=pl.col(y) + pl.col(h))
+
+
+def numeric_columns(raw: pl.DataFrame, columns: list[str] | tuple[str, ...],
+                    path: str | Path) -> pl.DataFrame:
+    """`raw` with `columns` cast to Float64 (empty cells null); raises LabelError naming
+    the table and each row whose value is not a finite number (polars' own cast error
+    names neither)."""
+    errors: list[tuple[int, str]] = []
+    out = raw
+    for c in columns:
+        text = raw[c].cast(pl.String).str.strip_chars()
+        values = text.cast(pl.Float64, strict=False)
+        bad = (text.is_not_null() & (text != "")) & (values.is_null() | ~values.is_finite())
+        errors += [(i + 1, f"{c} {v!r} is not a finite number")
+                   for i, v in zip(bad.arg_true().to_list(), text.filter(bad).to_list(),
+                                   strict=True)]
+        out = out.with_columns(values.alias(c))
+    if errors:
+        raise LabelError(path, sorted(errors))
+    return out

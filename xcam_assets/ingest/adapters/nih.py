@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from xcam_assets.ingest.adapters import conform
+from xcam_assets.ingest.adapters import conform, numeric_columns
 
 NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -32,7 +32,8 @@ def read_bbox_list(path: Path) -> pl.DataFrame:
     cols = raw.columns
     if cols[0] != "Image Index" or cols[1] != "Finding Label" or len(cols) < 6:
         raise ValueError(f"{path}: not a ChestX-ray14 BBox_List table (columns {cols})")
-    xywh = [pl.col(c).cast(pl.Float64) for c in cols[2:6]]
+    raw = numeric_columns(raw, cols[2:6], path)
+    xywh = [pl.col(c) for c in cols[2:6]]
     return (raw.select(pl.col(cols[0]).alias("file"),
                        pl.col(cols[1]).replace(BBOX_ALIASES).alias("finding"),
                        pl.struct(x_min=xywh[0], y_min=xywh[1], x_max=xywh[0] + xywh[2],

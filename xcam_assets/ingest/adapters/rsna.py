@@ -15,7 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from xcam_assets.ingest.adapters import conform, xywh_boxes
+from xcam_assets.ingest.adapters import conform, numeric_columns, xywh_boxes
+from xcam_assets.ingest.labels import LabelError
 
 RSNA_SIZE = 1024.0
 DEFAULT_FINDING = "Pneumonia"
@@ -36,8 +37,12 @@ def read_rsna_table(path: Path) -> pl.DataFrame:
     need = {"patientId", "x", "y", "width", "height", "Target"}
     if not need <= set(raw.columns):
         raise ValueError(f"{path}: not an RSNA pneumonia table (columns {raw.columns})")
-    return raw.with_columns([pl.col(c).cast(pl.Float64) for c in ("x", "y", "width", "height")]
-                            + [pl.col("Target").cast(pl.Int8)])
+    bad = [(i + 1, f"Target {t!r} must be 0 or 1") for i, t in enumerate(raw["Target"])
+           if (t or "").strip() not in ("0", "1")]
+    if bad:
+        raise LabelError(path, bad)
+    raw = numeric_columns(raw, ("x", "y", "width", "height"), path)
+    return raw.with_columns(pl.col("Target").str.strip_chars().cast(pl.Int8))
 
 
 def read_rsna(path: Path, finding: str = DEFAULT_FINDING) -> pl.DataFrame:

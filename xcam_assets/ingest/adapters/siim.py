@@ -17,23 +17,42 @@ import numpy as np
 import polars as pl
 
 from xcam_assets.ingest.adapters import conform
+from xcam_assets.ingest.labels import LabelError
 
 SIIM_SIZE = 1024
 DEFAULT_FINDING = "Pneumothorax"
 
 
+def rle_problem(rle: str, width: int = SIIM_SIZE, height: int = SIIM_SIZE) -> str | None:
+    """Why `rle` is not a valid relative RLE string over a width x height image (or None)."""
+    tokens = rle.split()
+    if not tokens:
+        return "RLE is empty (write -1 for an image without the finding)"
+    for t in tokens:
+        if not t.lstrip("-").isdigit():
+            return f"RLE value {t[:20]!r} is not an integer"
+    nums = [int(t) for t in tokens]
+    if len(nums) % 2:
+        return f"RLE has an odd number of values ({len(nums)}): pairs of gap and length expected"
+    if any(n < 0 for n in nums):
+        return "RLE has a negative gap or length"
+    end = sum(nums)  # relative runs: the last run ends at the sum of all gaps and lengths
+    if end > width * height:
+        return (f"RLE runs past the {width}x{height} image (ends at pixel {end}, "
+                f"the image has {width * height})")
+    return None
+
+
 def rle_decode(rle: str, width: int = SIIM_SIZE, height: int = SIIM_SIZE) -> np.ndarray:
-    """One Kaggle relative, column-major RLE string -> bool mask (height, width)."""
+    """One Kaggle relative, column-major RLE string -> bool mask (height, width).
+
+    Raises ValueError with `rle_problem`'s message for a malformed string."""
+    if (problem := rle_problem(rle, width, height)) is not None:
+        raise ValueError(problem)
     nums = np.asarray(rle.split(), dtype=np.int64)
-    if nums.size % 2:
-        raise ValueError(f"RLE has an odd number of values ({nums.size})")
     gaps, lengths = nums[0::2], nums[1::2]
-    if (gaps < 0).any() or (lengths < 0).any():
-        raise ValueError("RLE has a negative gap or length")
     starts = np.cumsum(gaps + np.concatenate([[0], lengths[:-1]]))
     ends = starts + lengths
-    if ends.size and ends[-1] > width * height:
-        raise ValueError(f"RLE runs past the {width}x{height} image")
     edges = np.zeros(width * height + 1, dtype=np.int32)
     np.add.at(edges, starts, 1)
     np.add.at(edges, ends, -1)
@@ -61,9 +80,27 @@ def read_siim_table(path: Path) -> pl.DataFrame:
                       pl.col("EncodedPixels").str.strip_chars())
 
 
+def check_siim_table(raw: pl.DataFrame, path: Path) -> None:
+    """Raise LabelError naming every row with no ImageId or a malformed RLE string
+    (`-1` or an empty cell: no finding)."""
+    errors = []
+    for row, (image_id, rle) in enumerate(raw.select("ImageId", "EncodedPixels").iter_rows(),
+                                          start=1):
+        if not image_id:
+            errors.append((row, "ImageId is empty"))
+        if rle not in (None, "", "-1") and (problem := rle_problem(rle)) is not None:
+            errors.append((row, f"{image_id}: {problem}"))
+    if errors:
+        raise LabelError(path, errors)
+
+
 def read_siim(path: Path, finding: str = DEFAULT_FINDING) -> pl.DataFrame:
-    """One canonical row per ImageId: present, mask_file `masks/<ImageId>.png`, mask_rle."""
+    """One canonical row per ImageId: present, mask_file `masks/<ImageId>.png`, mask_rle.
+
+    Every RLE string is validated first (`check_siim_table`): a malformed one raises
+    LabelError naming the table, the row and the problem, and nothing is imported."""
     raw = read_siim_table(path)
+    check_siim_table(raw, path)
     rle = pl.col("EncodedPixels")
     per = (raw.group_by("ImageId", maintain_order=True)
            .agg(rle.filter((rle != "-1") & (rle != "")).alias("mask_rle")))

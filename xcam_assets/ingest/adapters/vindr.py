@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from xcam_assets.ingest.adapters import conform
+from xcam_assets.ingest.adapters import conform, numeric_columns
 
 NO_FINDING = "No finding"
 
@@ -73,8 +73,7 @@ def read_vindr_table(path: Path) -> pl.DataFrame:
     need = {"image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max"}
     if not need <= set(raw.columns):
         raise ValueError(f"{path}: not a VinDr-CXR table (columns {raw.columns})")
-    return raw.with_columns([pl.col(c).cast(pl.Float64)
-                             for c in ("x_min", "y_min", "x_max", "y_max")])
+    return numeric_columns(raw, ("x_min", "y_min", "x_max", "y_max"), path)
 
 
 def read_vindr(path: Path, min_votes: int = 2, iou: float = 0.4,
