@@ -207,6 +207,24 @@ def remove_stale_temps(folder: Path, recursive: bool = True) -> list[Path]:
 
 
 @contextmanager
+def exclusive_lock(path: Path) -> Iterator[float]:
+    """Hold an exclusive `flock` on `path` (created) for the block; yields the seconds
+    waited for it. Processes on one host queue; a killed holder releases it."""
+    import fcntl
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `final` (`temp_path`); rename it over `final` on success
     only, after an fsync, so a crash leaves the old file or the new one, never a part."""

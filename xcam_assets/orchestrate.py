@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.storage.dagster_run import FINISHED_STATUSES
@@ -25,7 +26,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from xcam_assets.automation import complete_batches
 from xcam_assets.config import Settings, load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
-from xcam_assets.hashing import process_alive, process_start_ticks
+from xcam_assets.hashing import exclusive_lock, process_alive, process_start_ticks
 from xcam_assets.provenance import execution_tags
 from xcam_assets.resources import XcamConfig, batch_partitions
 
@@ -45,10 +46,38 @@ class StageFailed(RuntimeError):
 
 
 def project_instance(settings: Settings) -> dg.DagsterInstance:
-    """The persistent instance under DAGSTER_HOME (default: <project>/dagster_home)."""
+    """The persistent instance under DAGSTER_HOME (default: <project>/dagster_home).
+
+    Opened under an exclusive lock (`<home>/.xcam-instance.lock`): the first opening of a
+    fresh SQLite instance creates its tables, and two processes doing that at once fail
+    ("table run_tags already exists"). The assets' concurrency pools are given their
+    slots then too (`init_pools`)."""
     home = os.environ.setdefault("DAGSTER_HOME", str(settings.root / "dagster_home"))
     os.makedirs(home, exist_ok=True)
-    return dg.DagsterInstance.get()
+    with exclusive_lock(Path(home) / ".xcam-instance.lock"):
+        instance = dg.DagsterInstance.get()
+        init_pools(instance)
+        return instance
+
+
+def init_pools(instance: dg.DagsterInstance) -> list[str]:
+    """Create the slots of the assets' pools that the instance has never used, at the
+    instance's default limit (`concurrency.pools.default_limit`).
+
+    Dagster creates them lazily, at a pool's first claim. A pool already there (a limit
+    set in the UI included) is left alone. NB: on SQLite a pool is no mutex for claims
+    made at the same moment (the slot row is read, then updated, with no row lock: two
+    steps can both get the one slot); what must never run twice at once also takes a
+    file lock (dicom_inventory)."""
+    storage = instance.event_log_storage
+    if (not storage.supports_global_concurrency_limits
+            or instance.global_op_concurrency_default_limit is None):
+        return []
+    pools = {a.op.pool for a in ASSETS if a.op.pool}
+    missing = sorted(pools - set(storage.get_concurrency_keys()))
+    for pool in missing:
+        storage.initialize_concurrency_limit_to_default(pool)
+    return missing
 
 
 def known_batches(settings: Settings) -> list[str]:

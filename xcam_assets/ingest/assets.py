@@ -7,7 +7,13 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from xcam_assets.hashing import atomic_path, atomic_write_parquet, dvc_data_version, sha256_file
+from xcam_assets.hashing import (
+    atomic_path,
+    atomic_write_parquet,
+    dvc_data_version,
+    exclusive_lock,
+    sha256_file,
+)
 from xcam_assets.ingest.cohorts import balanced_subset, patient_split, split_summary
 from xcam_assets.ingest.deid import pseudonym_key
 from xcam_assets.ingest.inventory import IngestPolicy, KnownImages, inventory_rows
@@ -74,22 +80,29 @@ def ingest_policy(s) -> IngestPolicy:
 
 
 @dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="2",
-          deps=[raw_dicoms], kinds={"polars"})
+          deps=[raw_dicoms], kinds={"polars"}, pool="ingest")
 def dicom_inventory(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
     """One row per file of the batch: pseudonymous keys, header facts, sha256, status.
 
     Reads, hashes and decodes only this batch's files (once each); other batches are
-    consulted through their inventory tables only (duplicate SOP Instance UIDs)."""
+    consulted through their inventory tables only (duplicate SOP Instance UIDs). Two
+    batches' inventories never run at once (the `ingest` pool, and a file lock,
+    `.xcam/locks/inventory.flock`, since a SQLite instance's pool can let two
+    simultaneous claims through), so a file in both is admitted once, by whichever runs
+    first, never twice."""
     s = xcam.settings()
     batch = context.partition_key
-    others = [pl.read_parquet(p, columns=["image_key", "batch", "file", "sha256", "status"])
-              for p in sorted(s.inventory_dir.glob("*.parquet")) if p.stem != batch]
-    started = time.perf_counter()
-    frame = inventory_rows(s.raw_dir / batch, batch, pseudonym_key(s.root), ingest_policy(s),
-                           known=KnownImages.from_inventories(others))
-    seconds = time.perf_counter() - started
     out = s.inventory_dir / f"{batch}.parquet"
-    atomic_write_parquet(out, frame)
+    with exclusive_lock(s.root / ".xcam" / "locks" / "inventory.flock") as waited:
+        if waited > 1:
+            context.log.info(f"waited {waited:.1f}s for another batch's inventory")
+        others = [pl.read_parquet(p, columns=["image_key", "batch", "file", "sha256", "status"])
+                  for p in sorted(s.inventory_dir.glob("*.parquet")) if p.stem != batch]
+        started = time.perf_counter()
+        frame = inventory_rows(s.raw_dir / batch, batch, pseudonym_key(s.root),
+                               ingest_policy(s), known=KnownImages.from_inventories(others))
+        seconds = time.perf_counter() - started
+        atomic_write_parquet(out, frame)
     quarantined = frame.filter(pl.col("status") == "quarantined")
     for row in quarantined.iter_rows(named=True):
         context.log.warning(f"quarantined {batch}/{row['file']}: {row['reason']}")

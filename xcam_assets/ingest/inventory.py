@@ -11,8 +11,9 @@ undecodable file. Checks run cheapest first; the first failing one is the reason
 
 Duplicates: a SOP Instance UID seen earlier in the batch (files in path order) or
 in another batch's inventory (as an `ok` row) is quarantined, naming the other
-copy and whether its bytes are identical. Two batches ingested at the same moment
-cannot see each other; run batches one after the other (the `ingest` pool does).
+copy and whether its bytes are identical. Two batches' inventories computed at the
+same moment could not see each other; `dicom_inventory` computes them one after the
+other, whatever runs they belong to (the `ingest` pool and a file lock).
 
 PHI: rows carry only HMAC pseudonyms (image, patient, study) and technical header
 facts; reasons never quote a header value other than modality, body part, view,
