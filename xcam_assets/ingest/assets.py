@@ -1,5 +1,6 @@
 """Ingest stage: arrival batch -> immutable raw copy -> inventory -> findings -> splits."""
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -87,13 +88,14 @@ def dicom_inventory(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.M
     Reads, hashes and decodes only this batch's files (once each); other batches are
     consulted through their inventory tables only (duplicate SOP Instance UIDs). Two
     batches' inventories never run at once (the `ingest` pool, and a file lock,
-    `.xcam/locks/inventory.flock`, since a SQLite instance's pool can let two
-    simultaneous claims through), so a file in both is admitted once, by whichever runs
+    `$DAGSTER_HOME/locks/inventory.flock` beside the pool it backs up, since a SQLite
+    instance's pool can let two simultaneous claims through), so a file in both is admitted once, by whichever runs
     first, never twice."""
     s = xcam.settings()
     batch = context.partition_key
     out = s.inventory_dir / f"{batch}.parquet"
-    with exclusive_lock(s.root / ".xcam" / "locks" / "inventory.flock") as waited:
+    home = Path(os.environ.get("DAGSTER_HOME", s.root / "dagster_home"))
+    with exclusive_lock(home / "locks" / "inventory.flock") as waited:
         if waited > 1:
             context.log.info(f"waited {waited:.1f}s for another batch's inventory")
         others = [pl.read_parquet(p, columns=["image_key", "batch", "file", "sha256", "status"])
