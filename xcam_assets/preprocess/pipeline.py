@@ -102,8 +102,7 @@ def process_image(job: ImageJob, params: PreprocessParams,
     return tensor, regions, boxes_out
 
 
-# -- worker side: a long-lived pool per process; memmaps opened once per temp shard ---
-_W: dict = {}
+# -- worker side: a long-lived pool per process; each chunk maps the temp shards -------
 _POOLS: dict[int, object] = {}
 
 
@@ -111,17 +110,17 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)
 
 
-def _open_shards(images_path: str, regions_path: str) -> None:
-    if _W.get("images_path") != images_path:
-        _W.clear()  # drop the previous batch's maps (its temp files are gone)
-        _W.update(images_path=images_path, images=np.load(images_path, mmap_mode="r+"),
-                  regions=np.load(regions_path, mmap_mode="r+"))
-
-
 def _worker_chunk(task: tuple[str, str, PreprocessParams, Path, list[tuple[int, ImageJob]]]
                   ) -> list[tuple[int, str | None, str]]:
+    """Compute a chunk's rows straight into the batch's temp shards.
+
+    The shards are mapped per chunk and dropped at return (mapping costs microseconds):
+    a long-lived worker then never holds a map of a file that has since been renamed
+    to its final name.
+    """
     images_path, regions_path, params, base_dir, chunk = task
-    _open_shards(images_path, regions_path)
+    images = np.load(images_path, mmap_mode="r+")
+    regions_out = np.load(regions_path, mmap_mode="r+")
     out = []
     for row, job in chunk:
         try:
@@ -129,11 +128,12 @@ def _worker_chunk(task: tuple[str, str, PreprocessParams, Path, list[tuple[int, 
         except Exception as exc:  # reported per image, the batch goes on
             out.append((row, None, f"{job.file}: {exc}"))
             continue
-        _W["images"][row] = tensor
-        _W["regions"][row] = regions
+        images[row] = tensor
+        regions_out[row] = regions
         out.append((row, json.dumps(boxes, sort_keys=True), ""))
     # no msync per chunk: a MAP_SHARED write is in the page cache, which survives a
     # killed process; a torn file after power loss fails the manifest's sha256
+    del images, regions_out
     return out
 
 
@@ -230,7 +230,6 @@ def preprocess_batch(
             for task in tasks:
                 done = _collect(_worker_chunk(task), boxes_json, failures, done, len(todo),
                                 t0, log)
-            _W.clear()
         if failures:
             raise ValueError(f"batch {batch}: {len(failures)} image(s) failed to preprocess: "
                              + "; ".join(failures[:5]))
