@@ -178,6 +178,17 @@ def process_alive(pid: int, start_ticks: str | None = None) -> bool:
     return start_ticks is None or fields[19] == start_ticks
 
 
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` started, in seconds since the epoch (Linux; None elsewhere)."""
+    ticks = process_start_ticks(pid)
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    return None if ticks is None else btime + int(ticks) / os.sysconf("SC_CLK_TCK")
+
+
 def process_start_ticks(pid: int | None = None) -> str | None:
     """When process `pid` (default: this one) started, in clock ticks after boot (Linux)."""
     try:

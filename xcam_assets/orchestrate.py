@@ -9,8 +9,8 @@ A run whose process died (kill -9, OOM, power cut) stays STARTED in the instance
 keeps the concurrency-pool slots it held (the `ingest` pool: every later raw copy would
 wait for ever; the nightly automation would take the asset as still in progress).
 Each run is tagged with its process (`xcam/pid`, `xcam/pid_start`, `xcam/host`), and
-every stage first marks the runs of dead xcam processes on this host failed and gives
-back their slots (`reap_dead_runs`).
+every stage first marks the runs of dead processes on this host failed and gives back
+their slots (`reap_dead_runs`); with the UI up, the daemon's run monitoring does it too.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from xcam_assets.automation import complete_batches
 from xcam_assets.config import Settings, load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
-from xcam_assets.hashing import exclusive_lock, process_alive, process_start_ticks
-from xcam_assets.provenance import execution_tags
+from xcam_assets.hashing import exclusive_lock, process_start_ticks
+from xcam_assets.provenance import TAG_PID, TAG_PID_START, execution_tags
+from xcam_assets.provenance.launcher import run_worker, run_worker_alive
 from xcam_assets.resources import XcamConfig, batch_partitions
 
 STAGES: dict[str, list[str]] = {
@@ -107,7 +108,6 @@ def run_tags(resource: XcamConfig) -> dict[str, str]:
     return tags
 
 
-TAG_PID, TAG_PID_START = "xcam/pid", "xcam/pid_start"
 #: statuses of a run whose process may still be working on it
 _UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
@@ -115,16 +115,18 @@ _UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
 
 def reap_dead_runs(instance: dg.DagsterInstance,
                    log: Callable[[str], None] = print) -> list[str]:
-    """Mark failed the unfinished in-process runs of xcam processes on this host that
-    are gone, and free the concurrency slots of every finished run that still holds
-    some. Returns the run ids marked failed."""
+    """Mark failed the unfinished runs on this host whose process is gone (in-process
+    `xcam` runs and runs the UI or daemon launched alike, `run_worker_alive`), and free
+    the concurrency slots of every finished run that still holds some. Returns the run
+    ids marked failed. The daemon does the same on its own (`run_monitoring`)."""
     host = socket.gethostname()
     reaped = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_UNFINISHED,
                                                        tags={"xcam/host": host})):
-        pid = run.tags.get(TAG_PID)
-        if not pid or process_alive(int(pid), run.tags.get(TAG_PID_START) or None):
+        if run_worker_alive(instance, run) is not False:
             continue
+        worker = run_worker(instance, run)
+        pid = worker[0] if worker else "?"
         instance.report_run_failed(run, message=(
             f"xcam: the process that ran this run (pid {pid} on {host}) is gone (killed?); "
             "marked failed by a later xcam run, its pool slots freed"))

@@ -27,6 +27,8 @@ PACKAGES = ("xcam", "dagster", "torch", "timm", "grad-cam", "pydicom", "polars",
 #: run tags written by `execution_tags`
 TAG_HOST, TAG_USER, TAG_GIT, TAG_PACKAGES = "xcam/host", "xcam/user", "xcam/git_commit", \
     "xcam/packages"
+#: the process of an in-process run (`xcam materialize`): pid and its start ticks
+TAG_PID, TAG_PID_START = "xcam/pid", "xcam/pid_start"
 TAG_PARAMS, TAG_PROFILE, TAG_PYTHON, TAG_LAUNCHED_BY = "xcam/params", "xcam/profile", \
     "xcam/python", "xcam/launched_by"
 
