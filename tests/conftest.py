@@ -7,21 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from real_data import REPO
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("XCAM_PROFILE", "tiny")
 os.environ.setdefault("XCAM_PSEUDONYM_KEY", "test-only-key-not-a-secret")
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test with the reason."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (../shared/data beside the repo)")
-    return path
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import pydicom
 import pytest
-from conftest import shared_data
+from real_data import shared_data
 
 from xcam_assets.ingest.adapters import ADAPTER_SCHEMA
 from xcam_assets.ingest.adapters.batch import write_batch_labels_for

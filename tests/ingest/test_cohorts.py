@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from conftest import shared_data
+from real_data import shared_data
 
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort

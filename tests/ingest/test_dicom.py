@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pydicom
 import pytest
-from conftest import shared_data
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from real_data import shared_data
 
 from xcam_assets.ingest.dicom import (
     HEADER_FIELDS,

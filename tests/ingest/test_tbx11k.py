@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pydicom
 import pytest
-from conftest import shared_data
 from PIL import Image
+from real_data import shared_data
 
 from xcam_assets.ingest.labels import read_batch_labels
 from xcam_assets.ingest.tbx11k import (

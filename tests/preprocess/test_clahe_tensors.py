@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_data
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from real_data import shared_data
 
 from xcam_assets.hashing import sha256_file
 from xcam_assets.preprocess.clahe import geometry_for
