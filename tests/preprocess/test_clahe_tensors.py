@@ -178,6 +178,38 @@ def test_bad_image_fails_the_batch_naming_the_file(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "images.npy").exists()
 
 
+def test_a_script_without_a_main_guard_runs_once_with_two_workers(tmp_path: Path) -> None:
+    """Worker processes start without the caller's entry script: an unguarded script
+    calling xcam is not re-run by them (it used to be, and then failed in the forkserver
+    with "start a new process before ... bootstrapping phase")."""
+    jobs = _jobs(tmp_path, 12)
+    runs = tmp_path / "top_level_runs.txt"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from xcam_assets.preprocess.pipeline import ImageJob, PreprocessParams, preprocess_batch
+        with open({str(runs)!r}, "a") as fh:
+            fh.write("ran\\n")
+        src = Path({str(tmp_path)!r})
+        jobs = [ImageJob(f"k{{i}}", src / f"img{{i}}.dcm", f"img{{i}}.dcm", "s", {{}})
+                for i in range(12)]
+        out = preprocess_batch(jobs, PreprocessParams(2.0, 8, 64, True, ("lesion",)),
+                               Path(sys.argv[1]), "b", src, workers=2)
+        print("COMPUTED", out.computed, "MAIN", sys.modules["__main__"].__file__)
+    """)
+    (tmp_path / "unguarded.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "unguarded.py"), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"COMPUTED 12 MAIN {tmp_path / 'unguarded.py'}" in done.stdout  # __main__ restored
+    assert runs.read_text() == "ran\n"  # the top level ran once, in the script's process
+    one = preprocess_batch(jobs, params(), tmp_path / "one", "b", tmp_path, workers=1)
+    assert np.array_equal(np.load(tmp_path / "o" / "images.npy"),
+                          np.load(tmp_path / "one" / "images.npy"))
+    assert one.computed == 12
+
+
 @pytest.mark.parametrize("kill_after", ["first progress line", "shards renamed"])
 def test_kill_9_leaves_nothing_a_later_run_reads_as_valid(tmp_path: Path, kill_after) -> None:
     """SIGKILL a preprocessing process mid-way; the next run completes and equals a clean run."""

@@ -16,8 +16,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,19 +139,41 @@ def _worker_chunk(task: tuple[str, str, PreprocessParams, Path, list[tuple[int, 
     return out
 
 
+@contextmanager
+def _entry_script_hidden() -> Iterator[None]:
+    """Start processes without the entry script.
+
+    A forkserver (or spawn) child imports the parent's `__main__` before its task: for
+    a Dagster step process that is the whole dagster CLI, and a user's script without an
+    `if __name__ == "__main__":` guard would run again in every worker (and, calling
+    xcam, start pools from inside the forkserver: "An attempt has been made to start a
+    new process before the current process has finished its bootstrapping phase").
+    The workers' tasks need only this module, so `__main__` is hidden while they start,
+    as for an interactive session."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def _pool(workers: int):
     """A pool kept for the life of the process: starting workers costs more than a batch.
 
     forkserver, not fork: forking a multithreaded process (torch, polars, dagster
-    threads) can deadlock a child on a lock held at fork time. `__main__` is
-    preloaded so the workers do not each re-import the entry script (for a Dagster
-    step process that is the whole dagster CLI).
+    threads) can deadlock a child on a lock held at fork time. The server and the
+    workers start without the entry script (`_entry_script_hidden`).
     """
     pool = _POOLS.get(workers)
     if pool is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "xcam_assets.preprocess.pipeline"])
-        pool = _POOLS[workers] = ctx.Pool(workers, initializer=_worker_init)
+        ctx.set_forkserver_preload(["xcam_assets.preprocess.pipeline"])
+        with _entry_script_hidden():
+            pool = _POOLS[workers] = ctx.Pool(workers, initializer=_worker_init)
         atexit.register(pool.terminate)
     return pool
 
