@@ -28,7 +28,7 @@ from xcam_assets.config import Settings, load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
 from xcam_assets.hashing import exclusive_lock, process_start_ticks
 from xcam_assets.provenance import TAG_PID, TAG_PID_START, execution_tags
-from xcam_assets.provenance.launcher import run_worker, run_worker_alive
+from xcam_assets.provenance.launcher import run_worker, worker_alive
 from xcam_assets.resources import XcamConfig, batch_partitions
 
 STAGES: dict[str, list[str]] = {
@@ -116,17 +116,17 @@ _UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
 def reap_dead_runs(instance: dg.DagsterInstance,
                    log: Callable[[str], None] = print) -> list[str]:
     """Mark failed the unfinished runs on this host whose process is gone (in-process
-    `xcam` runs and runs the UI or daemon launched alike, `run_worker_alive`), and free
+    `xcam` runs and runs the UI or daemon launched alike, `worker_alive`), and free
     the concurrency slots of every finished run that still holds some. Returns the run
     ids marked failed. The daemon does the same on its own (`run_monitoring`)."""
     host = socket.gethostname()
     reaped = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_UNFINISHED,
                                                        tags={"xcam/host": host})):
-        if run_worker_alive(instance, run) is not False:
-            continue
         worker = run_worker(instance, run)
-        pid = worker[0] if worker else "?"
+        if worker_alive(worker) is not False:
+            continue
+        pid = worker[0]
         instance.report_run_failed(run, message=(
             f"xcam: the process that ran this run (pid {pid} on {host}) is gone (killed?); "
             "marked failed by a later xcam run, its pool slots freed"))

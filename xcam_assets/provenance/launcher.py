@@ -54,11 +54,10 @@ def run_worker(instance: DagsterInstance, run: DagsterRun) -> tuple[int, str | N
     return None
 
 
-def run_worker_alive(instance: DagsterInstance, run: DagsterRun) -> bool | None:
-    """Whether the process executing `run` still runs (None: cannot tell from here).
+def worker_alive(worker: tuple[int, str | None, float | None] | None) -> bool | None:
+    """Whether a `run_worker` process still runs (None: cannot tell from here).
 
     A process that started after its worker was seen only reuses the number."""
-    worker = run_worker(instance, run)
     if worker is None:
         return None
     pid, ticks, seen_at = worker
@@ -66,6 +65,11 @@ def run_worker_alive(instance: DagsterInstance, run: DagsterRun) -> bool | None:
         return False
     started = process_started_at(pid) if seen_at is not None else None
     return not (started is not None and started > seen_at + 2.0)
+
+
+def run_worker_alive(instance: DagsterInstance, run: DagsterRun) -> bool | None:
+    """`worker_alive(run_worker(instance, run))`."""
+    return worker_alive(run_worker(instance, run))
 
 
 class ProvenanceRunLauncher(DefaultRunLauncher):
@@ -93,9 +97,9 @@ class ProvenanceRunLauncher(DefaultRunLauncher):
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         """FAILED when the worker process is gone; RUNNING otherwise, also when that
         cannot be told from this host (the monitor fails every other status)."""
-        if run_worker_alive(self._instance, run) is False:
-            worker = run_worker(self._instance, run)
+        worker = run_worker(self._instance, run)
+        if worker_alive(worker) is False:
             return CheckRunHealthResult(WorkerStatus.FAILED, (
-                f"xcam: the process that ran this run (pid {worker[0] if worker else '?'} on "
+                f"xcam: the process that ran this run (pid {worker[0]} on "
                 f"{socket.gethostname()}) is gone (killed?); its pool slots are freed"))
         return CheckRunHealthResult(WorkerStatus.RUNNING)
