@@ -55,25 +55,20 @@ def _prepare(project: Path, tiny: dict, n_images: int = 40):
     return load_settings()
 
 
-@pytest.mark.slow
-def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(project: Path) -> None:
-    """Training starts under the Dagster CLI (multiprocess executor), the whole process
-    group gets SIGKILL after the second epoch's resume state is written; `xcam materialize
-    train` (in-process) then resumes after that epoch and finishes."""
-    s = _prepare(project, {"image_size": 32, "epochs": 6, "batch_size": 8,
-                           "architectures": ["resnet18"]})
-    state = s.checkpoints_dir / "resnet18" / "_resume" / f"seed-{s.seed}.pt"
+def kill_cli_materialize_after_two_epochs(project: Path, state: Path,
+                                          timeout_s: float = 300) -> subprocess.Popen:
+    """`dagster asset materialize` of checkpoints[resnet18] (the CLI's multiprocess
+    executor: the step runs in a child process), SIGKILLed as a whole process group once
+    the resume state `state` has been written twice (a second epoch completed)."""
     log_file = project / "train.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_file, "wb") as out:
-        # the Dagster CLI's default multiprocess executor: the step runs in a child process
         proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "asset",
                                  "materialize", "-m", "xcam_assets.definitions", "--select",
                                  "checkpoints", "--partition", "resnet18"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=project)
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=project)
     try:
-        deadline, first = time.monotonic() + 240, None
+        deadline, first = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline and proc.poll() is None:
             if state.exists():
                 first = first or state.stat().st_mtime_ns
@@ -87,6 +82,18 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(project: Pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    return proc
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(project: Path) -> None:
+    """Training starts under the Dagster CLI (multiprocess executor), the whole process
+    group gets SIGKILL after the second epoch's resume state is written; `xcam materialize
+    train` (in-process) then resumes after that epoch and finishes."""
+    s = _prepare(project, {"image_size": 32, "epochs": 6, "batch_size": 8,
+                           "architectures": ["resnet18"]})
+    state = s.checkpoints_dir / "resnet18" / "_resume" / f"seed-{s.seed}.pt"
+    proc = kill_cli_materialize_after_two_epochs(project, state)
     assert proc.returncode == -signal.SIGKILL
     killed_run = dg.DagsterInstance.get().get_runs(limit=1)[0]  # the CLI's, left STARTED
     assert killed_run.asset_selection == {dg.AssetKey("checkpoints")}

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+from torch import nn
+
+from xcam_assets.train.recipes import Augment, default_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 ZOO: dict = yaml.safe_load((REPO / "resources" / "models.yaml").read_text())
@@ -30,3 +35,20 @@ def tiny_arrays(n_train: int = 8, n_val: int = 4, size: int = 32, n_findings: in
     x_tr, y_tr = make(n_train)
     x_va, y_va = make(n_val)
     return x_tr, y_tr, x_va, y_va
+
+
+DDP_RECIPE = dataclasses.replace(default_recipe(3, 3e-3), augment=Augment(enabled=False))
+
+
+def small_net() -> nn.Module:
+    """No BatchNorm: two DDP ranks then compute exactly the one-process gradient."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 1))
+
+
+def ddp_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 16, 16), dtype=np.uint8)
+    y = (x[:, :8].mean((1, 2)) > x[:, 8:].mean((1, 2))).astype(np.float32)[:, None]
+    return x[:24], y[:24], x[24:], y[24:]

@@ -13,8 +13,10 @@ from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.store import load_tensor_set
 from xcam_assets.provenance import environment, git_commit, package_versions
 from xcam_assets.resources import XcamConfig, architecture_partitions
-from xcam_assets.train.checkpoint import save_checkpoint
+from xcam_assets.train.checkpoint import read_sidecar, save_checkpoint
+from xcam_assets.train.distributed import ddp_command
 from xcam_assets.train.fit import FitOutcome, fit_architecture, seeds_for
+from xcam_assets.train.loop import rank_and_world
 from xcam_assets.train.recipes import Recipe, recipe_from_profile
 from xcam_assets.train.zoo import pick_device, resolve_pretrained, zoo_entry
 
@@ -97,17 +99,11 @@ heatmaps must be judged with the localization and faithfulness metrics before tr
 """
 
 
-@dg.asset(partitions_def=arch_partitions, group_name=GROUP, code_version="2",
-          deps=[cohort_splits, dg.AssetDep(clahe_tensors, partition_mapping=dg.AllPartitionMapping())],
-          kinds={"pytorch"})
-def checkpoints(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
-    """A classifier of the zoo trained on the train split by the profile's recipe, once per
-    seed; the lowest-val-loss seed is the checkpoint (best epoch by validation loss).
+def train_and_save(s, arch: str, log=print, device=None) -> None:
+    """Train `arch` by the active profile and write its checkpoint (weights, sidecar, card).
 
-    Saved as safetensors + JSON sidecar (provenance) + markdown model card. Resumes an
-    interrupted run from its last completed epoch."""
-    s = xcam.settings()
-    arch = context.partition_key
+    The body of the `checkpoints` asset, also run by every rank of a DDP launch
+    (`xcam_assets.train.distributed`), where rank 0 alone writes."""
     prof = s.profile
     entry = zoo_entry(arch, s.zoo)
     recipe = recipe_from_profile(prof)
@@ -117,23 +113,26 @@ def checkpoints(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Mater
                                     pretrained_dir=prof.get("pretrained_dir"), root=s.root)
     _, x_tr, y_tr, _ = split_arrays(s, "train")
     _, x_va, y_va, _ = split_arrays(s, "val")
-    device = pick_device()
+    device = device or pick_device()
+    rank, world = rank_and_world()
     data_versions = {"clahe_tensors": tensors_version(s),
                      "cohort_splits": sha256_file(s.splits_path)}
     base_fp = {"architecture": arch, "zoo_entry": entry, "recipe": recipe.to_dict(),
                "batch_size": int(prof["batch_size"]), "image_size": s.image_size,
                "findings": s.findings, "data_versions": data_versions,
                "pretrained": sha256_file(pretrained) if pretrained else None}
-    context.log.info(f"training {arch} on {device}: {len(x_tr)} train / {len(x_va)} val images, "
-                     f"recipe {recipe.name}, seeds {seeds}, "
-                     f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
+    log(f"training {arch} on {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
+        + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
+        f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
     out = s.checkpoints_dir / arch
     outcome = fit_architecture(
         arch, s.zoo, len(s.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
         batch_size=int(prof["batch_size"]), seeds=seeds, image_size=s.image_size, out_dir=out,
         device=device, base_fingerprint=base_fp, pretrained_file=pretrained,
         resume=bool(prof.get("resume", True)), deterministic=bool(prof.get("deterministic", False)),
-        log=context.log.info)
+        log=log)
+    if rank != 0:
+        return
     run = outcome.primary
     sidecar = {
         "architecture": arch, "timm_name": entry["timm_name"],
@@ -155,23 +154,55 @@ def checkpoints(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.Mater
         "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
         "weights_sha256": run.weights_sha256, "data_versions": data_versions,
         "git_commit": git_commit(s.root), "packages": package_versions(),
-        "environment": environment(), "device": str(device),
+        "environment": environment(), "device": str(device), "processes": world,
     }
     card = model_card(arch, s, outcome, recipe, str(pretrained) if pretrained else None,
                       {"train": len(x_tr), "val": len(x_va)})
     save_checkpoint(out, outcome.model, sidecar, card)
+
+
+def checkpoint_result(s, arch: str) -> dg.MaterializeResult:
+    """The materialization of a written checkpoint, from its sidecar and model card: the
+    same metadata whether this process or a DDP launch trained it."""
+    out = s.checkpoints_dir / arch
+    side = read_sidecar(out)
+    card = (out / "model_card.md").read_text()
     seed_table = pl.DataFrame([{k: v for k, v in r.items() if k != "weights_sha256"}
-                               for r in sidecar["seed_runs"]]).to_pandas()
+                               for r in side["seed_runs"]]).to_pandas()
+    val_auc = side["seed_summary"]["val_auc"]
     return dg.MaterializeResult(
-        metadata={"val_auc": run.val_auc, "best_epoch": run.best_epoch, "seed": run.seed,
-                  "recipe": recipe.name, "n_seeds": len(seeds),
-                  "val_auc_mean": outcome.summary["val_auc"]["mean"],
-                  "val_auc_ci": dg.MetadataValue.json(_finite(outcome.summary["val_auc"])),
-                  "weights_sha256": run.weights_sha256,
+        metadata={"val_auc": side["val_auc"], "best_epoch": side["best_epoch"],
+                  "seed": side["seed"], "recipe": side["recipe"]["name"],
+                  "n_seeds": len(side["seeds"]), "processes": side.get("processes", 1),
+                  "val_auc_mean": val_auc["mean"],
+                  "val_auc_ci": dg.MetadataValue.json(_finite(val_auc)),
+                  "weights_sha256": side["weights_sha256"],
                   "history": dg.MetadataValue.md(
-                      pl.DataFrame(run.history).to_pandas().to_markdown(index=False)),
+                      pl.DataFrame(side["history"]).to_pandas().to_markdown(index=False)),
                   "seeds": dg.MetadataValue.md(seed_table.to_markdown(index=False)),
                   "model_card": dg.MetadataValue.md(card),
                   "path": dg.MetadataValue.path(str(out))},
         data_version=dg.DataVersion(dvc_data_version(out)),
     )
+
+
+@dg.asset(partitions_def=arch_partitions, group_name=GROUP, code_version="2",
+          deps=[cohort_splits, dg.AssetDep(clahe_tensors, partition_mapping=dg.AllPartitionMapping())],
+          kinds={"pytorch"})
+def checkpoints(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
+    """A classifier of the zoo trained on the train split by the profile's recipe, once per
+    seed; the lowest-val-loss seed is the checkpoint (best epoch by validation loss).
+
+    Saved as safetensors + JSON sidecar (provenance) + markdown model card. Resumes an
+    interrupted run from its last completed epoch. With `ddp_processes: N` in the profile
+    the training runs as N DDP processes under torchrun, launched through Dagster Pipes
+    (their logs stream into this run)."""
+    s = xcam.settings()
+    arch = context.partition_key
+    processes = int(s.profile.get("ddp_processes", 1))
+    if processes > 1:
+        dg.PipesSubprocessClient(cwd=str(s.root)).run(
+            context=context, command=ddp_command(s, arch, processes, study=xcam.study))
+    else:
+        train_and_save(s, arch, context.log.info)
+    return checkpoint_result(s, arch)

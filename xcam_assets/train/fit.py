@@ -4,7 +4,8 @@ Plain functions (no Dagster): the `checkpoints` asset calls `fit_architecture` a
 the result. Seeds are `seed, seed+1, ...` (profile `seeds: N`, or an explicit list). With
 N > 1 each seed's model is kept under `<arch>/seeds/seed-<s>/` and a re-run after a crash
 reuses finished seeds (same fingerprint) and resumes the interrupted one from its last
-completed epoch (`<arch>/_resume/seed-<s>.pt`). The checkpoint of record is the seed with
+completed epoch (`<arch>/_resume/seed-<s>.pt`). Under DDP every rank runs this and rank 0
+alone writes. The checkpoint of record is the seed with
 the lowest best validation loss (selection on validation data only); the validation AUC
 and loss over seeds are reported as mean with a Student-t 95 % CI (PYLON's protocol).
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 from xcam_assets.evaluate.diagnostic import roc_auc, t_confidence_interval
 from xcam_assets.train import checkpoint as ckpt
-from xcam_assets.train.loop import predict_logits, train_classifier
+from xcam_assets.train.loop import predict_logits, rank_and_world, train_classifier
 from xcam_assets.train.recipes import Recipe
 from xcam_assets.train.zoo import build_model, head_prefixes, state_dict_hash
 
@@ -120,8 +121,10 @@ def fit_architecture(
     runs: list[SeedRun] = []
     best_model: nn.Module | None = None
     keep_seeds = len(seeds) > 1
+    rank, world = rank_and_world()
     for seed in seeds:
-        fp = fingerprint({**base_fingerprint, "seed": seed, "code": code_hash()})
+        fp = fingerprint({**base_fingerprint, "seed": seed, "code": code_hash(),
+                          "processes": world})
         seed_dir = out_dir / "seeds" / f"seed-{seed}"
         model = None
         if keep_seeds and (seed_dir / "model.json").exists():
@@ -150,12 +153,12 @@ def fit_architecture(
                           val_loss=result.best_val_loss, best_epoch=result.best_epoch,
                           weights_sha256=state_dict_hash(model), history=result.history,
                           resumed_from_epoch=result.resumed_from_epoch)
-            if keep_seeds:
+            if keep_seeds and rank == 0:
                 record = {**asdict(run), "val_auc": _nan_to_none(run.val_auc),
                           "architecture": arch, "fingerprint": fp, "image_size": image_size}
                 record.pop("reused")
                 ckpt.save_checkpoint(seed_dir, model, record)
-            if resume_path is not None and resume_path.exists():
+            if rank == 0 and resume_path is not None and resume_path.exists():
                 resume_path.unlink()
                 if not any(resume_path.parent.iterdir()):
                     resume_path.parent.rmdir()

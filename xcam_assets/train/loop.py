@@ -5,6 +5,13 @@ the GPU once when it fits (else pinned per batch, non-blocking copies), augmenta
 the device. The data are in memory, so there is no DataLoader (no worker processes to
 feed). Deterministic for a seed on the CPU (random draws come from one CPU generator).
 
+Several processes (DDP, under torchrun; `xcam_assets.train.distributed`): when a
+`torch.distributed` process group is up, each phase wraps the model in
+DistributedDataParallel and every rank takes its share `order[i:i+b][rank::world]` of the
+same seeded batch (the global batch stays `batch_size`), augments it with its own
+generator, and takes the validation figures rank 0 computes. Rank 0 alone writes the
+resume state, holding every rank's random state.
+
 Crash safety: with `resume_path`, the full training state (weights, optimizer, scheduler,
 RNG states, best weights, history, phase/epoch position) is written atomically after every
 epoch; a re-run with the same `fingerprint` continues after the last completed epoch and
@@ -24,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from xcam_assets.evaluate.diagnostic import roc_auc
 from xcam_assets.hashing import atomic_write_bytes
@@ -44,6 +53,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -220,6 +236,23 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the loop
+def _validate(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, y_val_t: torch.Tensor,
+              device: torch.device, rank: int, world: int) -> tuple[float, float]:
+    """(val loss, mean val AUC over findings). Under DDP rank 0 computes them and every rank
+    takes its figures, so plateau steps and best-epoch choices agree across ranks (each
+    rank's BatchNorm statistics differ slightly)."""
+    figures: list[float] = [math.nan, math.nan]
+    if rank == 0:
+        val_logits = predict_logits(model, x_val, device=device)
+        figures[0] = float(F.binary_cross_entropy_with_logits(
+            torch.as_tensor(val_logits), y_val_t))
+        aucs = [roc_auc(y_val[:, k], val_logits[:, k]) for k in range(y_val.shape[1])]
+        figures[1] = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+    if world > 1:
+        dist.broadcast_object_list(figures, src=0)
+    return figures[0], figures[1]
+
+
 def train_classifier(
     model: nn.Module,
     x_train: np.ndarray,
@@ -251,7 +284,10 @@ def train_classifier(
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     seed_everything(seed, deterministic)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the sample order: the same on every rank
+    rank, world = rank_and_world()
+    # augmentation draws: one stream per rank (one process: the order's generator, as ever)
+    aug_gen = gen if world == 1 else torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
     model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
@@ -264,7 +300,8 @@ def train_classifier(
         if x_tr.numel() < free // 4:
             x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     n = len(x_tr)
-    starts = [i for i in range(0, n, batch_size) if min(batch_size, n - i) >= 2]  # BatchNorm
+    # every rank needs >= 2 images per step (BatchNorm)
+    starts = [i for i in range(0, n, batch_size) if min(batch_size, n - i) >= 2 * world]
     pos_weight = positive_weight(y_tr.cpu()).to(device) if recipe.balance == "pos_weight" else None
     sample_w = balanced_sample_weights(y_train) if recipe.balance == "sampler" else None
     y_val_t = torch.as_tensor(y_val, dtype=torch.float32)
@@ -277,6 +314,8 @@ def train_classifier(
     if saved is not None:
         model.load_state_dict(saved["model"])
         _restore_rng(saved["rng"], gen, cuda)
+        if world > 1:
+            _restore_rng(saved["rng"]["ranks"][rank], aug_gen, cuda)
         st.update({k: saved[k] for k in st})
         if st["best_state"] is None and st["best_epoch"] == st["global_epoch"]:
             st["best_state"] = saved["model"]
@@ -297,6 +336,9 @@ def train_classifier(
         params = set_trainable(model, heads, phase.freeze_backbone)
         optimizer = make_optimizer(phase, params)
         scheduler = make_scheduler(phase, optimizer, len(starts))
+        # DDP registers the trainable parameters when it wraps: once per phase
+        net = model if world == 1 else DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None)
         if not fresh_phase and st["optimizer"] is not None:
             optimizer.load_state_dict(st["optimizer"])
             if scheduler is not None and st["scheduler"] is not None:
@@ -313,7 +355,7 @@ def train_classifier(
                 order = torch.randperm(n, generator=gen)
             total, seen, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             for i in starts:
-                idx = order[i:i + batch_size]
+                idx = order[i:i + batch_size][rank::world]
                 if x_tr.is_cuda:
                     idx = idx.to(device)
                     xb_u8, yb = x_tr[idx], y_tr[idx]
@@ -322,12 +364,12 @@ def train_classifier(
                     yb = y_tr[idx].pin_memory().to(device, non_blocking=True)
                 else:
                     xb_u8, yb = x_tr[idx], y_tr[idx]
-                xb = _augment_with(to_input(xb_u8), gen, recipe.augment)
+                xb = _augment_with(to_input(xb_u8), aug_gen, recipe.augment)
                 if cuda:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    logits = model(xb)
+                    logits = net(xb)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), yb,
                                                           pos_weight=pos_weight)
                 loss.backward()
@@ -338,11 +380,11 @@ def train_classifier(
                 seen += len(idx)
             t_train = time.perf_counter() - t_epoch
             cpu_train = time.process_time() - cpu_epoch  # all threads; robust to other load
-            val_logits = predict_logits(model, x_val, device=device)
-            val_loss = float(F.binary_cross_entropy_with_logits(
-                torch.as_tensor(val_logits), y_val_t))
-            aucs = [roc_auc(y_val[:, k], val_logits[:, k]) for k in range(y_val.shape[1])]
-            val_auc = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+            if world > 1:
+                sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+                dist.all_reduce(sums)
+                total, seen = float(sums[0]), int(sums[1])
+            val_loss, val_auc = _validate(model, x_val, y_val, y_val_t, device, rank, world)
             st["epoch_in_phase"] += 1
             st["global_epoch"] += 1
             epochs_this_run += 1
@@ -369,13 +411,18 @@ def train_classifier(
                 st["optimizer"] = optimizer.state_dict()
                 st["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             if resume_path is not None:
+                rng = _rng_state(gen, cuda)
+                if world > 1:
+                    rng["ranks"] = [None] * world
+                    dist.all_gather_object(rng["ranks"], _rng_state(aug_gen, cuda))
                 # the best weights are stored once when they are the current ones
                 best_is_model = st["best_epoch"] == st["global_epoch"]
-                save_resume_state(Path(resume_path), {
-                    "version": RESUME_VERSION, "fingerprint": fingerprint,
-                    "model": st["best_state"] if best_is_model else _cpu_state(model),
-                    "rng": _rng_state(gen, cuda), **st,
-                    "best_state": None if best_is_model else st["best_state"]})
+                if rank == 0:
+                    save_resume_state(Path(resume_path), {
+                        "version": RESUME_VERSION, "fingerprint": fingerprint,
+                        "model": st["best_state"] if best_is_model else _cpu_state(model),
+                        "rng": rng, **st,
+                        "best_state": None if best_is_model else st["best_state"]})
             per_epoch = (time.perf_counter() - t_run) / epochs_this_run
             left_epochs = max_epochs - st["global_epoch"]
             log(f"epoch {st['global_epoch']}/{max_epochs} [{phase.name}] "
