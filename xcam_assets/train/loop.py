@@ -355,7 +355,9 @@ def train_classifier(
                 order = torch.randperm(n, generator=gen)
             total, seen, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             for i in starts:
-                idx = order[i:i + batch_size][rank::world]
+                idx = order[i:i + batch_size]
+                if world > 1:
+                    idx = idx[rank::world]
                 if x_tr.is_cuda:
                     idx = idx.to(device)
                     xb_u8, yb = x_tr[idx], y_tr[idx]
