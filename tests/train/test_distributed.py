@@ -20,7 +20,7 @@ import dagster as dg
 import pytest
 import torch
 from test_train_stage import _prepare, kill_cli_materialize_after_two_epochs
-from train_helpers import DDP_RECIPE, ddp_arrays, small_net
+from train_helpers import DDP_RECIPE, ZOO, ddp_arrays, small_net
 
 from xcam_assets.orchestrate import _run
 from xcam_assets.resources import XcamConfig
@@ -46,6 +46,37 @@ torch.save({"state": model.state_dict(), "seen": sum(seen)}, f"{sys.argv[2]}.{di
 dist.destroy_process_group()
 '''
 
+ZOO_WORKER = '''
+import sys, torch, torch.distributed as dist, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from xcam_assets.train.distributed import init_process_group
+from xcam_assets.train.zoo import build_model
+sys.path.insert(0, sys.argv[1])
+from train_helpers import ZOO
+init_process_group()
+for arch in ZOO:
+    torch.manual_seed(0)
+    model = build_model(arch, ZOO, 1, image_size=32)
+    net = DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(2):  # an unused parameter fails DDP at the second step
+        loss = F.binary_cross_entropy_with_logits(net(torch.randn(2, 1, 32, 32)).float(),
+                                                  torch.ones(2, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if dist.get_rank() == 0:
+        print("trained", arch, flush=True)
+dist.destroy_process_group()
+'''
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
 def _ranks_alive(project: Path) -> list[int]:
     """Pids of live xcam DDP processes (torchrun or ranks) of this project, from /proc."""
     pids = []
@@ -69,9 +100,7 @@ def test_two_ddp_ranks_train_the_weights_one_process_trains(tmp_path: Path) -> N
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "ddp.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), str(Path(__file__).parent), str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = _torchrun(script, str(Path(__file__).parent), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
     assert [r["seen"] for r in ranks] == [3 * 24 // 2] * 2  # each rank trained on its half
@@ -80,6 +109,16 @@ def test_two_ddp_ranks_train_the_weights_one_process_trains(tmp_path: Path) -> N
         assert not torch.equal(weight, start[name])  # it trained
         for r in ranks:
             torch.testing.assert_close(r["state"][name], weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_zoo_entry_trains_under_ddp(tmp_path: Path) -> None:
+    """DDP needs every trainable parameter in the graph (no find_unused_parameters)."""
+    script = tmp_path / "zoo_worker.py"
+    script.write_text(ZOO_WORKER)
+    proc = _torchrun(script, str(Path(__file__).parent))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [w for arch in ZOO for w in ("trained", arch)]
 
 
 def test_ddp_command_carries_the_settings(project: Path) -> None:
