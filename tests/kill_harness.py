@@ -54,6 +54,22 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def live_pids_running(*cmdline_parts: str) -> list[int]:
+    """Live (not zombie) processes whose command line holds every one of `cmdline_parts`."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(f"{entry.path}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            fields = _stat_fields(f"{entry.path}/stat")
+            if (fields and fields[0] != "Z"
+                    and all(part.encode() in cmdline for part in cmdline_parts)):
+                pids.append(int(entry.name))
+    return pids
+
+
 def _running_tasks(pgid: int) -> list[str]:
     """`pid/tid:state` of every thread of the group that is not stopped."""
     out = []

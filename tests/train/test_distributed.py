@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import torch
+from kill_harness import live_pids_running
 from test_train_stage import _prepare, kill_cli_materialize_after_two_epochs
 from train_helpers import DDP_RECIPE, ZOO, ddp_arrays, small_net
 
@@ -78,18 +79,8 @@ def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _ranks_alive(project: Path) -> list[int]:
-    """Pids of live xcam DDP processes (torchrun or ranks) of this project, from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if (b"xcam_assets.train.distributed" in cmd and str(project / "data").encode() in cmd
-                and state != "Z"):
-            pids.append(int(entry.name))
-    return pids
+    """Live xcam DDP processes (torchrun or ranks) of this project."""
+    return live_pids_running("xcam_assets.train.distributed", str(project / "data"))
 
 
 def test_two_ddp_ranks_train_the_weights_one_process_trains(tmp_path: Path) -> None:

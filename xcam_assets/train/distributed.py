@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
 
 def ddp_command(s, arch: str, processes: int, study: str = "") -> list[str]:
@@ -91,14 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         s = load_settings(root=Path(args.root), profile=args.profile,
                           study=args.study or None, data_dir=Path(args.data_dir))
         with ExitStack() as stack:
-            log = print
-            if dist.get_rank() == 0 and os.environ.get("DAGSTER_PIPES_CONTEXT"):
-                from dagster_pipes import open_dagster_pipes
-
+            rank0 = dist.get_rank() == 0
+            log = print if rank0 else (lambda message: None)  # rank 0 speaks for the group
+            if rank0 and os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR):
                 log = stack.enter_context(open_dagster_pipes()).log.info
-            elif dist.get_rank() != 0:
-                def log(message: str) -> None:  # rank 0 speaks for the group
-                    return None
             train_and_save(s, args.arch, log, device)
         dist.barrier()
     finally:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from xcam_assets.evaluate.diagnostic import roc_auc, t_confidence_interval
+from xcam_assets.evaluate.diagnostic import t_confidence_interval
 from xcam_assets.train import checkpoint as ckpt
-from xcam_assets.train.loop import predict_logits, rank_and_world, train_classifier
+from xcam_assets.train.loop import mean_auc, predict_logits, rank_and_world, train_classifier
 from xcam_assets.train.recipes import Recipe
 from xcam_assets.train.zoo import build_model, head_prefixes, state_dict_hash
 
@@ -81,9 +81,7 @@ class FitOutcome:
 
 def val_auc_of(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray,
                device: torch.device) -> float:
-    logits = predict_logits(model, x_val, device=device)
-    aucs = [roc_auc(y_val[:, k], logits[:, k]) for k in range(y_val.shape[1])]
-    return float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+    return mean_auc(y_val, predict_logits(model, x_val, device=device))
 
 
 def seed_summary(runs: Sequence[SeedRun]) -> dict[str, dict[str, float]]:

@@ -236,6 +236,12 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the loop
+def mean_auc(y: np.ndarray, logits: np.ndarray) -> float:
+    """Mean ROC AUC over the findings (columns) that have both classes; NaN if none has."""
+    aucs = [roc_auc(y[:, k], logits[:, k]) for k in range(y.shape[1])]
+    return float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+
+
 def _validate(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, y_val_t: torch.Tensor,
               device: torch.device, rank: int, world: int) -> tuple[float, float]:
     """(val loss, mean val AUC over findings). Under DDP rank 0 computes them and every rank
@@ -246,8 +252,7 @@ def _validate(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, y_val_t: t
         val_logits = predict_logits(model, x_val, device=device)
         figures[0] = float(F.binary_cross_entropy_with_logits(
             torch.as_tensor(val_logits), y_val_t))
-        aucs = [roc_auc(y_val[:, k], val_logits[:, k]) for k in range(y_val.shape[1])]
-        figures[1] = float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan")
+        figures[1] = mean_auc(y_val, val_logits)
     if world > 1:
         dist.broadcast_object_list(figures, src=0)
     return figures[0], figures[1]
