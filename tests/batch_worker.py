@@ -19,7 +19,7 @@ import dagster as dg
 
 from xcam_assets.automation import INGEST_ASSETS
 from xcam_assets.definitions import ASSETS, CHECKS
-from xcam_assets.resources import XcamConfig, batch_partitions
+from xcam_assets.project import XcamProject, batch_partitions
 
 RUN_CONFIG = {"execution": {"config": {"start_method": {"forkserver": {
     "preload_modules": ["xcam_assets.definitions"]}}}}}
@@ -32,7 +32,7 @@ def ingest_job() -> dg.JobDefinition:
                               partitions_def=batch_partitions,
                               executor_def=dg.multiprocess_executor)
     defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[job],
-                          resources={"xcam": XcamConfig()})
+                          resources={"xcam": XcamProject()})
     return defs.resolve_job_def("ingest_batch_multiprocess")
 
 

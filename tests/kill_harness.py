@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from xcam_assets.hashing import is_temp_name
+from xcam_assets.atomic import is_temp_name
 
 STOPPED = {"T", "t", "Z", "X"}
 

@@ -38,7 +38,7 @@ def _audit(root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_audit_verifies_the_lineage_and_names_a_tampered_file(
         full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xcam_assets.provenance.audit import run_audit
+    from xcam_assets.orchestrate import run_audit
 
     out = tmp_path / "audit"
     proc = _audit(full_run, out)
@@ -119,7 +119,7 @@ def test_audit_verifies_the_lineage_and_names_a_tampered_file(
 def test_audit_of_one_partition_and_a_changed_raw_dicom(full_run: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: `--partition`, and a raw DICOM altered after ingest is named too."""
-    from xcam_assets.provenance.audit import run_audit
+    from xcam_assets.orchestrate import run_audit
 
     for k, v in project_env(full_run).items():
         monkeypatch.setenv(k, v)

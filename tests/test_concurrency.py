@@ -42,7 +42,7 @@ from xcam_assets.automation import INGEST_ASSETS
 from xcam_assets.config import load_settings
 from xcam_assets.definitions import ASSETS
 from xcam_assets.demo import write_demo_cohort
-from xcam_assets.resources import XcamConfig, batch_partitions
+from xcam_assets.project import XcamProject, batch_partitions
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +167,7 @@ def test_concurrent_batches_equal_a_serial_order(workers) -> None:
             for batch in order:
                 assert dg.materialize(ASSETS, selection=dg.AssetSelection.assets(*INGEST_ASSETS),
                                       partition_key=batch, instance=instance,
-                                      resources={"xcam": XcamConfig()}, run_config=QUIET).success
+                                      resources={"xcam": XcamProject()}, run_config=QUIET).success
         return _outputs(root), _admitted_copies(root, batches, original)
 
     def concurrent() -> tuple[dict[str, str], list[str]]:

@@ -51,9 +51,10 @@ import torch
 from automation.harness import BIN, DVC, dvc, make_project, project_env, xcam
 from kill_harness import Frozen, digests, environment, invalid_files, temp_files
 
+from xcam_assets.atomic import remove_stale_temps, temp_path
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort
-from xcam_assets.hashing import dvc_md5, dvc_tree, remove_stale_temps, temp_path
+from xcam_assets.hashing import dvc_md5, dvc_tree
 from xcam_assets.orchestrate import ORDER, materialize_all, materialize_stage, reap_dead_runs
 from xcam_assets.provenance.dvc import ASSET_OUTS, asset_output
 

@@ -17,7 +17,7 @@ from xcam_assets.config import load_settings
 from xcam_assets.definitions import ASSETS, CHECKS, defs
 from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import STAGES, StageFailed, _run, materialize_all, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.checkpoint import load_checkpoint
 from xcam_assets.train.loop import predict_logits
 from xcam_assets.train.zoo import build_model
@@ -84,7 +84,7 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
     assert len(sidecar["history"]) == s.profile["epochs"]
     preds = pl.read_parquet(s.heatmaps_dir / arch / "predictions.parquet")
     test_preds = preds.filter(pl.col("split") == "test").sort("image_key")
-    from xcam_assets.train.assets import split_arrays
+    from xcam_assets.preprocess.store import split_arrays
 
     keys, x_te, y_te, regions_te = split_arrays(s, "test")
     assert keys == test_preds["image_key"].to_list()
@@ -138,7 +138,9 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
               for i in range(len(keys)) if regions_te[i, 0].any() and maps[i, 0].sum() > 0]
     assert value("energy_pointing_game", "gradcam") == pytest.approx(np.mean(energy), abs=1e-9)
     # faithfulness on true positives (first 4 in key order): AOPC recomputed step by step
-    from xcam_assets.evaluate.faithfulness import morf_aopc_stepwise, torch_predictor
+    from aopc_reference import morf_aopc_stepwise
+
+    from xcam_assets.evaluate.faithfulness import torch_predictor
 
     tp = np.flatnonzero((y == 1) & pred)[:4]
     if len(tp):
@@ -164,7 +166,7 @@ def test_label_for_missing_image_blocks_the_batch(project) -> None:
     instance = dg.DagsterInstance.get()
     register_batches(instance, [b.name for b in batches])
     with pytest.raises(StageFailed, match="labels_match_images"):
-        _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamConfig(), batches[0].name,
+        _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamProject(), batches[0].name,
              log=print)
     assert instance.get_latest_materialization_event(dg.AssetKey("findings")) is not None
     assert instance.get_latest_materialization_event(dg.AssetKey("clahe_tensors")) is None

@@ -29,7 +29,7 @@ from xcam_assets.config import load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
 from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import materialize_all, project_instance
-from xcam_assets.resources import batch_partitions
+from xcam_assets.project import batch_partitions
 from xcam_assets.train.assets import arch_partitions
 
 REPO = Path(__file__).resolve().parents[1]

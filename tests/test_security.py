@@ -25,7 +25,7 @@ from xcam_assets.cli import build_parser, main, ui_command
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import STAGES, _run, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 
 KEY = "planted-key-7d3a9c"
 
@@ -114,7 +114,7 @@ def test_hostile_header_identifiers_never_become_paths(project: Path) -> None:
     before = tree(project.parent)
     instance = dg.DagsterInstance.get()
     register_batches(instance, [batch.name])
-    _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamConfig(), batch.name,
+    _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamProject(), batch.name,
          log=print)
     inv = pl.read_parquet(s.inventory_dir / f"{batch.name}.parquet")
     assert inv.filter(pl.col("file").is_in(list(hostile)))["status"].to_list() == ["ok", "ok"]
@@ -148,7 +148,7 @@ def test_symlinks_in_an_upload_are_not_followed(project: Path, tmp_path: Path) -
     (batch / ".complete").touch()
     instance = dg.DagsterInstance.get()
     register_batches(instance, [batch.name])
-    result = _run(STAGES["ingest"], instance, XcamConfig(), batch.name, log=print)
+    result = _run(STAGES["ingest"], instance, XcamProject(), batch.name, log=print)
     raw = s.raw_dir / batch.name
     assert not (raw / "innocent.dcm").exists() and not (raw / "linked_dir").exists()
     assert not [p for p in raw.rglob("*") if p.is_symlink()]

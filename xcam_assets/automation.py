@@ -32,7 +32,7 @@ from pathlib import Path
 import dagster as dg
 
 from xcam_assets.config import load_settings
-from xcam_assets.resources import batch_partitions
+from xcam_assets.project import batch_partitions
 
 MARKER = ".complete"
 LABELS = "labels.csv"

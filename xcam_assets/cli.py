@@ -77,7 +77,7 @@ def batch_dir(settings, name: str) -> Path:
 
 
 def cmd_import_tbx11k(args: argparse.Namespace) -> None:
-    from xcam_assets.ingest.tbx11k import import_tbx11k
+    from xcam_assets.ingest.importers.tbx11k_png import import_tbx11k
 
     s = load_settings()
     out = batch_dir(s, args.batch)
@@ -112,7 +112,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from xcam_assets.provenance.audit import run_audit
+    from xcam_assets.orchestrate import run_audit
 
     raise SystemExit(run_audit(args.asset, partition=args.partition,
                                out_dir=Path(args.out) if args.out else None))

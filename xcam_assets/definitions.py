@@ -26,7 +26,7 @@ from xcam_assets.ingest.checks import (
 )
 from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.checks import tensors_are_sound
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.assets import checkpoints
 from xcam_assets.train.checks import model_is_sound
 
@@ -50,5 +50,5 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=[ingest_batch_job],
     sensors=[incoming_batch_sensor, nightly_reevaluation, dvc_commit_after_run],
-    resources={"xcam": XcamConfig()},
+    resources={"xcam": XcamProject()},
 )

@@ -14,7 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import yaml
+
+from xcam_assets.config import Settings
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -91,3 +94,18 @@ def validate_frame(frame: Any, suite_path: Path, extra: list[dict] | None = None
         })
     return SuiteOutcome(suite=suite_path.stem, success=bool(result.success),
                         n_rows=len(pdf), failures=failures)
+
+
+def suite(settings: Settings, name: str) -> Path:
+    """The path of suite `name` under the project's resources/expectations/."""
+    return settings.root / "resources" / "expectations" / f"{name}.yaml"
+
+
+def ge_result(outcome: SuiteOutcome, **metadata: Any) -> dg.AssetCheckResult:
+    """A suite's outcome as the asset check's result (failures in the metadata)."""
+    return dg.AssetCheckResult(
+        passed=outcome.success,
+        description=outcome.summary(),
+        metadata={"suite": outcome.suite, "n_rows": outcome.n_rows,
+                  "failures": dg.MetadataValue.json(outcome.failures), **metadata},
+    )

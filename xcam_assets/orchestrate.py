@@ -19,17 +19,20 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from dagster._core.storage.dagster_run import FINISHED_STATUSES
 
+from xcam_assets.atomic import exclusive_lock
 from xcam_assets.automation import complete_batches
 from xcam_assets.config import Settings, load_settings
-from xcam_assets.definitions import ASSETS, CHECKS
-from xcam_assets.hashing import exclusive_lock, process_start_ticks
+from xcam_assets.definitions import ASSETS, CHECKS, defs
+from xcam_assets.procs import process_start_ticks
+from xcam_assets.project import XcamProject, batch_partitions
 from xcam_assets.provenance import TAG_PID, TAG_PID_START, execution_tags
+from xcam_assets.provenance.audit import Auditor, step_id, write_outputs
 from xcam_assets.provenance.launcher import run_worker, worker_alive
-from xcam_assets.resources import XcamConfig, batch_partitions
 
 STAGES: dict[str, list[str]] = {
     "ingest": ["raw_dicoms", "dicom_inventory", "findings"],
@@ -96,7 +99,7 @@ def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> None:
         instance.add_dynamic_partitions(batch_partitions.name, new)
 
 
-def run_tags(resource: XcamConfig) -> dict[str, str]:
+def run_tags(resource: XcamProject) -> dict[str, str]:
     """Provenance tags of an in-process run: host, user, git commit, packages, params;
     `xcam/launched_by` is `dvc` (and `xcam/dvc_stage`) when `dvc repro` runs the stage."""
     stage = os.environ.get("DVC_STAGE")
@@ -143,7 +146,7 @@ def reap_dead_runs(instance: dg.DagsterInstance,
     return reaped
 
 
-def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
+def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamProject,
          partition_key: str | None, log: Callable[[str], None]) -> dg.ExecuteInProcessResult:
     selection = dg.AssetSelection.assets(*keys)
     result = dg.materialize([*ASSETS, *CHECKS], selection=selection,
@@ -167,11 +170,11 @@ def _run(keys: list[str], instance: dg.DagsterInstance, resource: XcamConfig,
 
 
 def materialize_stage(stage: str, settings: Settings | None = None,
-                      resource: XcamConfig | None = None,
+                      resource: XcamProject | None = None,
                       instance: dg.DagsterInstance | None = None,
                       log: Callable[[str], None] = print) -> None:
     settings = settings or load_settings()
-    resource = resource or XcamConfig()
+    resource = resource or XcamProject()
     instance = instance or project_instance(settings)
     reap_dead_runs(instance, log)
     keys = STAGES[stage]
@@ -190,13 +193,13 @@ def materialize_stage(stage: str, settings: Settings | None = None,
         _run(keys, instance, resource, None, log)
 
 
-def materialize_all(settings: Settings | None = None, resource: XcamConfig | None = None,
+def materialize_all(settings: Settings | None = None, resource: XcamProject | None = None,
                     instance: dg.DagsterInstance | None = None,
                     log: Callable[[str], None] = print) -> None:
     """Every stage in order; a batch's ingest and preprocessing share one run so a
     failed blocking check of its labels stops its tensors."""
     settings = settings or load_settings()
-    resource = resource or XcamConfig()
+    resource = resource or XcamProject()
     instance = instance or project_instance(settings)
     reap_dead_runs(instance, log)
     batches = known_batches(settings)
@@ -207,3 +210,25 @@ def materialize_all(settings: Settings | None = None, resource: XcamConfig | Non
         _run(STAGES["ingest"] + STAGES["preprocess"], instance, resource, batch, log)
     for stage in ORDER[2:]:
         materialize_stage(stage, settings, resource, instance, log)
+
+
+def run_audit(asset: str, partition: str | None = None, out_dir: Path | None = None,
+              settings: Settings | None = None, instance: dg.DagsterInstance | None = None,
+              log: Any = print) -> int:
+    """The `xcam audit` command: 0 when the lineage verifies, 1 otherwise. Lives here, above
+    the definitions, so the audit itself receives them and imports nothing of the lineage."""
+    settings = settings or load_settings()
+    instance = instance or project_instance(settings)
+    report = Auditor(settings, instance, defs).audit(asset, partition)
+    out_dir = out_dir or settings.root / "reports" / "audit"
+    paths = write_outputs(report, out_dir)
+    n_ok = sum(1 for s in report.steps if s.get("output", {}).get("verified"))
+    log(f"xcam audit {step_id(asset, partition)}: {len(report.steps)} steps "
+        f"({n_ok} outputs verified), {len(report.raw_files)} raw DICOM files")
+    for p in report.problems:
+        log(f"  {p['severity'].upper()} {p['step']}: {p['message']}")
+    for kind, path in paths.items():
+        log(f"  {kind}: {path}")
+    log("PASS: every recorded hash matches the files on disk" if report.passed else
+        "FAIL: see the problems above")
+    return 0 if report.passed else 1

@@ -35,12 +35,12 @@ def nightly_defs(cron: str = "* * * * *") -> object:
 
     from xcam_assets.automation import NIGHTLY_ASSETS, nightly_condition
     from xcam_assets.definitions import ASSETS, CHECKS
-    from xcam_assets.resources import XcamConfig
+    from xcam_assets.project import XcamProject
 
     assets = [a.map_asset_specs(lambda spec: spec.replace_attributes(
         automation_condition=nightly_condition(cron, "UTC")))
         if a.key.to_user_string() in NIGHTLY_ASSETS else a for a in ASSETS]
-    return dg.Definitions(assets=assets, asset_checks=CHECKS, resources={"xcam": XcamConfig()})
+    return dg.Definitions(assets=assets, asset_checks=CHECKS, resources={"xcam": XcamProject()})
 
 
 def make_project(root: Path, with_code: bool = False) -> Path:

@@ -17,7 +17,7 @@ from xcam_assets.automation import INGEST_ASSETS
 from xcam_assets.definitions import ASSETS
 from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import StageFailed, _run, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def _requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, list[
 def test_nightly_reevaluates_only_what_is_downstream_of_a_new_batch(full_run: Path) -> None:
     instance = dg.DagsterInstance.get()
     defs = nightly_defs()  # the nightly condition on a per-minute tick
-    resource = XcamConfig()
+    resource = XcamProject()
     t = dt.datetime.now(dt.UTC)
     result = dg.evaluate_automation_conditions(defs, instance, evaluation_time=t)
     assert result.total_requested == 0  # the full run is up to date

@@ -27,7 +27,7 @@ from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.events.log import EventLogEntry
 
 from xcam_assets.demo import write_demo_cohort
-from xcam_assets.hashing import process_start_ticks
+from xcam_assets.procs import process_start_ticks
 from xcam_assets.provenance import TAG_HOST, TAG_PID, TAG_PID_START
 from xcam_assets.provenance.launcher import WORKER_STARTED, run_worker, run_worker_alive
 

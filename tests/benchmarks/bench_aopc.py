@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -26,10 +28,12 @@ import torch
 from xcam_assets.evaluate.faithfulness import (
     CountingPredictor,
     morf_aopc,
-    morf_aopc_stepwise,
     region_size_px,
     torch_predictor,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: aopc_reference
+from aopc_reference import morf_aopc_stepwise  # noqa: E402
 
 
 def main() -> None:

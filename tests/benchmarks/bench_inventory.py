@@ -99,7 +99,7 @@ def incremental(root: Path, n_existing: int, k: int) -> dict[str, float]:
     import dagster as dg
 
     from xcam_assets.orchestrate import _run, register_batches
-    from xcam_assets.resources import XcamConfig
+    from xcam_assets.project import XcamProject
 
     incoming = project / "data" / "incoming"
     specs = {"warm-up": (8, 9), "new-k-first": (k, 1), "existing": (n_existing, 2),
@@ -114,7 +114,7 @@ def incremental(root: Path, n_existing: int, k: int) -> dict[str, float]:
     out = {}
     for name in specs:
         t = time.perf_counter()
-        result = _run(keys, instance, XcamConfig(), name, log=lambda m: None)
+        result = _run(keys, instance, XcamProject(), name, log=lambda m: None)
         wall = time.perf_counter() - t
         meta = next(e.event_specific_data.materialization.metadata for e in result.all_events
                     if e.event_type_value == "ASSET_MATERIALIZATION"

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from xcam_assets.hashing import sha256_file  # noqa: E402
-from xcam_assets.ingest.tbx11k import import_tbx11k  # noqa: E402
+from xcam_assets.ingest.importers.tbx11k_png import import_tbx11k  # noqa: E402
 from xcam_assets.preprocess.pipeline import (  # noqa: E402
     ImageJob,
     PreprocessParams,

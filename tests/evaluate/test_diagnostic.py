@@ -10,14 +10,12 @@ from sklearn import metrics as skm
 
 from xcam_assets.evaluate.diagnostic import (
     CONFUSION_METRICS,
-    bootstrap_ci,
     confusion_counts,
     confusion_metrics,
     diagnostic_rows,
     gmean_threshold,
-    roc_auc,
-    t_confidence_interval,
 )
+from xcam_assets.stats import bootstrap_ci, roc_auc, t_confidence_interval
 
 # 5 labels, one tie between a positive and a negative (0.4).
 Y5 = np.array([0, 0, 1, 1, 1])

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from aopc_reference import morf_aopc_stepwise
 from torch import nn
 
 from xcam_assets.evaluate.faithfulness import (
@@ -21,7 +22,6 @@ from xcam_assets.evaluate.faithfulness import (
     masked_out_area,
     masked_out_areas,
     morf_aopc,
-    morf_aopc_stepwise,
     morf_noise,
     path_predictions,
     pixel_ranks,

@@ -6,7 +6,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from xcam_assets.evaluate.diagnostic import roc_auc
 from xcam_assets.evaluate.plots import (
     plot_heatmap_montage,
     plot_metric_bars,
@@ -16,6 +15,7 @@ from xcam_assets.evaluate.plots import (
     tpr_at,
 )
 from xcam_assets.evaluate.tables import mean_rows, to_frame
+from xcam_assets.stats import roc_auc
 
 Y = np.array([1, 0, 1, 0])
 S = np.array([0.9, 0.8, 0.8, 0.1])

@@ -13,8 +13,6 @@ import pytest
 import yaml
 
 from xcam_assets.evaluate.diagnostic import (
-    bootstrap_ci,
-    bootstrap_mean_ci,
     confusion_metrics,
     diagnostic_rows,
     macro_diagnostic_rows,
@@ -36,6 +34,7 @@ from xcam_assets.evaluate.tables import (
     wide_table,
 )
 from xcam_assets.expectations import validate_frame
+from xcam_assets.stats import bootstrap_ci, bootstrap_mean_ci
 
 SUITE = Path(__file__).resolve().parents[2] / "resources" / "expectations" / "metric_table.yaml"
 

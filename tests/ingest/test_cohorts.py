@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from real_data import shared_data
 
+from xcam_assets.atomic import atomic_write_parquet
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort
-from xcam_assets.hashing import atomic_write_parquet
 from xcam_assets.ingest.adapters.nih import read_nih
 from xcam_assets.ingest.adapters.rsna import read_rsna
 from xcam_assets.ingest.adapters.vindr import read_vindr
@@ -24,7 +24,7 @@ from xcam_assets.ingest.cohorts import (
     split_problems,
 )
 from xcam_assets.orchestrate import STAGES, _run, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 
 
 def _images(n_patients: int, per: int, pos_every: int) -> pl.DataFrame:
@@ -118,15 +118,15 @@ def test_leakage_check_fails_a_leaky_split_through_dagster(project) -> None:
     (batches[0] / ".complete").touch()
     instance = dg.DagsterInstance.get()
     register_batches(instance, [batches[0].name])
-    _run(STAGES["ingest"], instance, XcamConfig(), batches[0].name, log=print)
-    result = _run(STAGES["splits"], instance, XcamConfig(), None, log=print)
+    _run(STAGES["ingest"], instance, XcamProject(), batches[0].name, log=print)
+    result = _run(STAGES["splits"], instance, XcamProject(), None, log=print)
     meta = next(e.event_specific_data.materialization.metadata for e in result.all_events
                 if e.event_type_value == "ASSET_MATERIALIZATION")
     sizes = meta["split_sizes"].value
     assert sum(sizes.values()) == 40 and set(sizes) == {"train", "val", "test"}
     counts = meta["class_counts"].value
     assert sum(c["y_lesion"] for c in counts.values()) == 20
-    assert splits_do_not_leak(xcam=XcamConfig()).passed
+    assert splits_do_not_leak(xcam=XcamProject()).passed
 
     good = pl.read_parquet(s.splits_path)
     victim = good.filter(pl.col("split") == "train").group_by("patient_key").len().filter(
@@ -135,7 +135,7 @@ def test_leakage_check_fails_a_leaky_split_through_dagster(project) -> None:
     leaky = good.with_columns(pl.when(pl.col("image_key") == first).then(pl.lit("test"))
                               .otherwise(pl.col("split")).alias("split"))
     atomic_write_parquet(s.splits_path, leaky)
-    outcome = splits_do_not_leak(xcam=XcamConfig())
+    outcome = splits_do_not_leak(xcam=XcamProject())
     assert not outcome.passed
     assert outcome.metadata["leaking_patients"].value == 1
     failures = outcome.metadata["failures"].value

@@ -656,7 +656,7 @@ def test_fuzzed_batch_through_dagster(files: dict[str, bytes], project: Path) ->
     from xcam_assets.config import load_settings
     from xcam_assets.definitions import ASSETS, CHECKS
     from xcam_assets.orchestrate import register_batches
-    from xcam_assets.resources import XcamConfig
+    from xcam_assets.project import XcamProject
 
     s = load_settings()
     batch = f"fuzz-{next(_RUNS)}"
@@ -667,7 +667,7 @@ def test_fuzzed_batch_through_dagster(files: dict[str, bytes], project: Path) ->
     result = dg.materialize([*ASSETS, *CHECKS],
                             selection=dg.AssetSelection.assets("raw_dicoms", "dicom_inventory"),
                             partition_key=batch, instance=instance,
-                            resources={"xcam": XcamConfig()}, raise_on_error=False)
+                            resources={"xcam": XcamProject()}, raise_on_error=False)
     frame = pl.read_parquet(s.inventory_dir / f"{batch}.parquet")
     # examples share the project: the next one must not see these files as already ingested
     (s.inventory_dir / f"{batch}.parquet").rename(s.inventory_dir / f"{batch}.seen")

@@ -33,7 +33,7 @@ from xcam_assets.ingest.labels import (
     screen_batch_labels,
 )
 from xcam_assets.orchestrate import STAGES, StageFailed, _run, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 
 HEADER = ",".join(LABEL_COLUMNS)
 
@@ -136,7 +136,7 @@ def test_findings_records_bad_rows_and_the_check_names_them(labelled_batch: dict
     instance = dg.DagsterInstance.get()
     register_batches(instance, [batch.name])
     with pytest.raises(StageFailed, match="labels_match_images"):
-        _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamConfig(), batch.name,
+        _run(STAGES["ingest"] + STAGES["preprocess"], instance, XcamProject(), batch.name,
              log=print)
     frame = pl.read_parquet(s.findings_dir / f"{batch.name}.parquet")
     # every original row passed; every hostile row is recorded with its row and reason

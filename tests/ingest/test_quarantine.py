@@ -21,7 +21,7 @@ from dicom_corpus import HAS_JPEGLS, bad_files, demo_sources, fresh, good_files,
 from xcam_assets.config import load_settings
 from xcam_assets.ingest.deid import PHI_KEYWORDS
 from xcam_assets.orchestrate import STAGES, _run, register_batches
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_bad_files_quarantined_good_pass_nothing_lost(corpus: dict) -> None:
     instance = dg.DagsterInstance.get()
     register_batches(instance, ["site-a", "site-b"])
     keys = STAGES["ingest"] + STAGES["preprocess"]
-    result_a = _run(keys, instance, XcamConfig(), "site-a", log=print)
+    result_a = _run(keys, instance, XcamProject(), "site-a", log=print)
     assert result_a.success
 
     inv = pl.read_parquet(s.inventory_dir / "site-a.parquet")
@@ -88,7 +88,7 @@ def test_bad_files_quarantined_good_pass_nothing_lost(corpus: dict) -> None:
     if HAS_JPEGLS:
         assert "jpegls_lossless.dcm" in good
     # the cross-batch duplicate, and batch b's own files
-    result_b = _run(keys, instance, XcamConfig(), "site-b", log=print)
+    result_b = _run(keys, instance, XcamProject(), "site-b", log=print)
     assert result_b.success
     inv_b = pl.read_parquet(s.inventory_dir / "site-b.parquet").sort("file")
     assert inv_b["status"].to_list() == ["quarantined", "ok", "ok"]
@@ -126,11 +126,11 @@ def test_new_batch_reads_only_its_own_files(corpus: dict) -> None:
     s = corpus["settings"]
     instance = dg.DagsterInstance.get()
     register_batches(instance, ["site-a", "site-b"])
-    _run(STAGES["ingest"], instance, XcamConfig(), "site-a", log=print)
+    _run(STAGES["ingest"], instance, XcamProject(), "site-a", log=print)
     shutil.move(s.raw_dir / "site-a", s.data_dir / "site-a.away")
     shutil.move(corpus["a"], s.data_dir / "site-a.incoming.away")
     try:
-        result = _run(STAGES["ingest"], instance, XcamConfig(), "site-b", log=print)
+        result = _run(STAGES["ingest"], instance, XcamProject(), "site-b", log=print)
     finally:
         shutil.move(s.data_dir / "site-a.away", s.raw_dir / "site-a")
         shutil.move(s.data_dir / "site-a.incoming.away", corpus["a"])

@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 from real_data import shared_data
 
-from xcam_assets.ingest.labels import read_batch_labels
-from xcam_assets.ingest.tbx11k import (
-    SECONDARY_CAPTURE_SOP_CLASS,
+from xcam_assets.ingest.importers.png import SECONDARY_CAPTURE_SOP_CLASS
+from xcam_assets.ingest.importers.tbx11k_png import (
     TBX11K_CITATION,
     import_tbx11k,
     parse_voc,
     voc_box_to_pixels,
 )
+from xcam_assets.ingest.labels import read_batch_labels
 
 FINDING = "ActiveTuberculosis"
 SUBSET = 40  # sorted names: h0001 first, then 39 tb images
@@ -179,7 +179,7 @@ def test_synthetic_source_skips_and_classes(tmp_path: Path, caplog) -> None:
     assert skipped == ["skipped images/tb0002.png", "skipped images/tb0003.png",
                        "skipped images/tb0004.png", "skipped images/tb0006.png"]
     assert any("tb0005.png: annotation has no box" in p for p in problems)
-    logged = [r for r in caplog.records if r.name == "xcam_assets.ingest.tbx11k"]
+    logged = [r for r in caplog.records if r.name == "xcam_assets.ingest.importers.tbx11k_png"]
     assert [r.getMessage() for r in logged] == problems and len(problems) == 5
     rows = read_batch_labels(out / "labels.csv").rows(named=True)
     got = {(r["file"], r["finding"]): (r["present"], r["boxes"]) for r in rows}

@@ -112,7 +112,7 @@ def test_real_dicoms_match_an_independent_opencv_recomputation(tmp_path: Path) -
 
 
 def test_tbx11k_tensors_match_opencv_on_the_png(tmp_path: Path) -> None:
-    from xcam_assets.ingest.tbx11k import import_tbx11k
+    from xcam_assets.ingest.importers.tbx11k_png import import_tbx11k
 
     source = shared_data("tbx11k")
     batch = import_tbx11k(source, tmp_path / "tbx", limit=12)

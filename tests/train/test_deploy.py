@@ -9,7 +9,7 @@ import yaml
 from train_helpers import REPO
 
 from xcam_assets.explain.assets import heatmap_sets
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.assets import arch_partitions, checkpoints
 
 DEPLOY = REPO / "resources" / "deploy"
@@ -17,7 +17,7 @@ GPU_STEPS = {"checkpoints": checkpoints, "heatmap_sets": heatmap_sets}
 
 
 def _definitions(**kwargs) -> dg.Definitions:
-    return dg.Definitions(assets=[checkpoints, heatmap_sets], resources={"xcam": XcamConfig()},
+    return dg.Definitions(assets=[checkpoints, heatmap_sets], resources={"xcam": XcamProject()},
                           jobs=[dg.define_asset_job("train", selection=[checkpoints, heatmap_sets],
                                                     partitions_def=arch_partitions)], **kwargs)
 

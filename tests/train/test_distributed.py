@@ -24,7 +24,7 @@ from test_train_stage import _prepare, kill_cli_materialize_after_two_epochs
 from train_helpers import DDP_RECIPE, ZOO, ddp_arrays, small_net
 
 from xcam_assets.orchestrate import _run
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.checkpoint import load_model
 from xcam_assets.train.distributed import ddp_command
 from xcam_assets.train.loop import train_classifier
@@ -142,7 +142,7 @@ def test_checkpoints_train_on_two_ddp_processes_through_pipes_and_resume(project
     assert 2 <= done < 5
     assert len(saved["rng"]["ranks"]) == 2  # both ranks' augmentation streams
 
-    result = _run(["checkpoints"], dg.DagsterInstance.get(), XcamConfig(), "resnet18",
+    result = _run(["checkpoints"], dg.DagsterInstance.get(), XcamProject(), "resnet18",
                   log=lambda m: None)  # the re-run, in-process; checks included
     sidecar = json.loads((s.checkpoints_dir / "resnet18" / "model.json").read_text())
     assert sidecar["processes"] == 2

@@ -24,9 +24,9 @@ import yaml
 
 from xcam_assets.config import _deep_merge, load_settings
 from xcam_assets.demo import write_demo_cohort
-from xcam_assets.evaluate.diagnostic import t_confidence_interval
 from xcam_assets.orchestrate import StageFailed, _run, materialize_stage
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
+from xcam_assets.stats import t_confidence_interval
 from xcam_assets.train.checkpoint import load_model
 from xcam_assets.train.zoo import state_dict_hash
 
@@ -116,7 +116,7 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(project: Pat
                {"profiles": {"tiny": {"min_auc_margin": 0.5, "epochs": 1}}})
     instance = dg.DagsterInstance.get()
     with pytest.raises(StageFailed, match="model_is_sound"):
-        _run(["checkpoints", "heatmap_sets"], instance, XcamConfig(), "resnet18",
+        _run(["checkpoints", "heatmap_sets"], instance, XcamProject(), "resnet18",
              log=lambda m: None)
     assert instance.get_latest_materialization_event(dg.AssetKey("heatmap_sets")) is None
     rec = instance.event_log_storage.get_asset_check_execution_history(

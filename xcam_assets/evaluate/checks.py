@@ -5,15 +5,14 @@ import dagster as dg
 import polars as pl
 
 from xcam_assets.evaluate.assets import metric_tables
-from xcam_assets.expectations import validate_frame
-from xcam_assets.ingest.checks import suite
-from xcam_assets.resources import XcamConfig
+from xcam_assets.expectations import suite, validate_frame
+from xcam_assets.project import XcamProject
 
 KEY = ["architecture", "cam_method", "finding", "metric"]
 
 
 @dg.asset_check(asset=metric_tables, blocking=True)
-def metrics_in_range(xcam: XcamConfig) -> dg.AssetCheckResult:
+def metrics_in_range(xcam: XcamProject) -> dg.AssetCheckResult:
     s = xcam.settings()
     frame = pl.read_parquet(s.metrics_dir / "metric_table.parquet").with_columns(
         pl.col("cam_method").fill_null("-"))

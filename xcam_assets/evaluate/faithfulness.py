@@ -55,7 +55,6 @@ __all__ = [
     "masked_out_area",
     "masked_out_areas",
     "morf_aopc",
-    "morf_aopc_stepwise",
     "morf_noise",
     "path_predictions",
     "pixel_ranks",
@@ -301,38 +300,6 @@ def morf_aopc(
     curves = path_predictions(counter, x, end, ranks, np.arange(n_steps + 1),
                               batch_size=batch_size)
     return PathResult(aopc_from_curves(curves), curves, counter.calls)
-
-
-def morf_aopc_stepwise(
-    predict: Predictor,
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    region: int,
-    steps: int | None = None,
-    perturbation: str = "gaussian_noise",
-    noise_mean: float = 0.0,
-    noise_sd: float = 0.1,
-    fill: float = 0.5,
-    seed: int = 0,
-) -> PathResult:
-    """Reference implementation of :func:`morf_aopc`: perturb one region at a time in
-    place and run one forward pass per image and step (``N * (L + 1)`` calls of batch 1).
-    Used to verify the batched version (tests, ``tests/benchmarks/bench_aopc.py``)."""
-    x, h = _check_batch(images, heatmaps)
-    counter = CountingPredictor(predict)
-    end = _morf_end(x, perturbation, seed, noise_mean, noise_sd, fill)
-    curves = []
-    for i in range(len(x)):
-        order = tile_order(h[i], region)
-        n_steps = len(order) if steps is None else min(int(steps), len(order))
-        cur = x[i].copy()
-        row = [float(counter(cur[None])[0])]
-        for r0, r1, c0, c1 in order[:n_steps]:
-            cur[r0:r1, c0:c1] = end[i, r0:r1, c0:c1]
-            row.append(float(counter(cur[None])[0]))
-        curves.append(row)
-    arr = np.asarray(curves, dtype=np.float64).reshape(len(x), -1)
-    return PathResult(aopc_from_curves(arr) if len(x) else np.zeros(0), arr, counter.calls)
 
 
 # --------------------------------------------------------------------------- deletion / insertion

@@ -16,9 +16,9 @@ import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xcam_assets.evaluate.diagnostic import _resample_indices, roc_auc
 from xcam_assets.evaluate.tables import metric_info
 from xcam_assets.explain.overlays import overlay
+from xcam_assets.stats import resample_indices, roc_auc
 
 __all__ = ["plot_heatmap_montage", "plot_metric_bars", "plot_roc", "roc_band", "roc_points",
            "tpr_at"]
@@ -69,7 +69,7 @@ def roc_band(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray, n_boot: i
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     curves = []
-    for block in _resample_indices(len(y), n_boot, seed):
+    for block in resample_indices(len(y), n_boot, seed):
         for idx in block:
             yb = y[idx]
             if yb.all() or not yb.any():

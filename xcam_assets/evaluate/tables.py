@@ -23,13 +23,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from xcam_assets.evaluate.diagnostic import (
-    bootstrap_ci,
-    bootstrap_mean_ci,
-    diagnostic_rows,
-    gmean_threshold,
-    macro_diagnostic_rows,
-)
+from xcam_assets.evaluate.diagnostic import diagnostic_rows, gmean_threshold, macro_diagnostic_rows
 from xcam_assets.evaluate.localization import (
     boxes_to_mask,
     ehr_auc,
@@ -38,6 +32,7 @@ from xcam_assets.evaluate.localization import (
     pointing_game_hit,
     weak_localization,
 )
+from xcam_assets.stats import bootstrap_ci, bootstrap_mean_ci
 
 SCHEMA = {"architecture": pl.String, "cam_method": pl.String, "finding": pl.String,
           "metric": pl.String, "value": pl.Float64, "ci_low": pl.Float64,

@@ -6,16 +6,17 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from xcam_assets.explain.assets import SIDECAR, heatmap_sets, read_sidecar
+from xcam_assets.explain.assets import heatmap_sets
 from xcam_assets.explain.cams import parse_method
+from xcam_assets.explain.stage import SIDECAR, read_sidecar
 from xcam_assets.hashing import sha256_file
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.assets import arch_partitions
 
 
 @dg.asset_check(asset=heatmap_sets, blocking=True, partitions_def=arch_partitions)
 def heatmaps_are_valid(context: dg.AssetCheckExecutionContext,
-                       xcam: XcamConfig) -> dg.AssetCheckResult:
+                       xcam: XcamProject) -> dg.AssetCheckResult:
     s = xcam.settings()
     out = s.heatmaps_dir / context.partition_key
     test_keys = (pl.read_parquet(s.splits_path).filter(pl.col("split") == "test")

@@ -3,35 +3,17 @@
 import dagster as dg
 import polars as pl
 
-from xcam_assets.expectations import validate_frame
+from xcam_assets.expectations import ge_result, suite, validate_frame
 from xcam_assets.hashing import sha256_file
-from xcam_assets.ingest.assets import (
-    cohort_splits,
-    dicom_inventory,
-    findings,
-    image_labels,
-    raw_dicoms,
-)
+from xcam_assets.ingest.assets import cohort_splits, dicom_inventory, findings, raw_dicoms
 from xcam_assets.ingest.cohorts import leaking_patients, split_problems, split_summary
-from xcam_assets.resources import XcamConfig, batch_partitions
-
-
-def suite(s, name: str):
-    return s.root / "resources" / "expectations" / f"{name}.yaml"
-
-
-def ge_result(outcome, **metadata) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        passed=outcome.success,
-        description=outcome.summary(),
-        metadata={"suite": outcome.suite, "n_rows": outcome.n_rows,
-                  "failures": dg.MetadataValue.json(outcome.failures), **metadata},
-    )
+from xcam_assets.ingest.stage import image_labels
+from xcam_assets.project import XcamProject, batch_partitions
 
 
 @dg.asset_check(asset=raw_dicoms, blocking=True, partitions_def=batch_partitions)
 def raw_copy_is_faithful(context: dg.AssetCheckExecutionContext,
-                         xcam: XcamConfig) -> dg.AssetCheckResult:
+                         xcam: XcamProject) -> dg.AssetCheckResult:
     """Every incoming file has a byte-identical copy in data/raw (nothing lost or altered);
     symbolic links are not files of the batch (never followed)."""
     s = xcam.settings()
@@ -57,7 +39,7 @@ def raw_copy_is_faithful(context: dg.AssetCheckExecutionContext,
 
 @dg.asset_check(asset=dicom_inventory, blocking=True, partitions_def=batch_partitions)
 def inventory_is_usable(context: dg.AssetCheckExecutionContext,
-                        xcam: XcamConfig) -> dg.AssetCheckResult:
+                        xcam: XcamProject) -> dg.AssetCheckResult:
     """GE suite `inventory` + what would poison training, naming the files: no good file
     at all, a study whose images name two patients (patient IDs cannot be trusted for
     the patient-level split), a pseudonym key other than the other batches' (patient
@@ -101,7 +83,7 @@ def inventory_is_usable(context: dg.AssetCheckExecutionContext,
 
 @dg.asset_check(asset=findings, blocking=True, partitions_def=batch_partitions)
 def labels_match_images(context: dg.AssetCheckExecutionContext,
-                        xcam: XcamConfig) -> dg.AssetCheckResult:
+                        xcam: XcamProject) -> dg.AssetCheckResult:
     """GE suite `findings` + every label row valid (rejected rows named by file, row and
     reason: malformed values, unsafe paths, boxes outside the image), no label for a
     missing image (named with its row), every ingested image has a label, boxes lie
@@ -151,7 +133,7 @@ def labels_match_images(context: dg.AssetCheckExecutionContext,
 
 
 @dg.asset_check(asset=cohort_splits, blocking=True)
-def splits_do_not_leak(xcam: XcamConfig) -> dg.AssetCheckResult:
+def splits_do_not_leak(xcam: XcamProject) -> dg.AssetCheckResult:
     """GE suite `cohort_splits` + zero patients in two splits + every image labelled for
     every finding + both classes in train and test and each split's class ratio within
     `splits.max_ratio_gap` of the cohort's (see cohorts.split_problems)."""

@@ -48,7 +48,7 @@ from typing import Any
 
 import polars as pl
 
-from xcam_assets.hashing import atomic_write_text
+from xcam_assets.atomic import atomic_write_text
 
 LABEL_COLUMNS: tuple[str, ...] = (
     "file", "finding", "present", "x_min", "y_min", "x_max", "y_max", "mask_file",

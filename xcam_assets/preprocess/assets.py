@@ -6,18 +6,17 @@ import os
 import cv2
 import dagster as dg
 import numpy as np
-import polars as pl
 
 from xcam_assets.hashing import dvc_data_version
 from xcam_assets.ingest.assets import dicom_inventory, findings
 from xcam_assets.ingest.dicom import decode_u8
 from xcam_assets.preprocess.pipeline import (
     PREPROCESS_VERSION,
-    ImageJob,
-    PreprocessParams,
+    batch_jobs,
     preprocess_batch,
+    preprocess_params,
 )
-from xcam_assets.resources import XcamConfig, batch_partitions
+from xcam_assets.project import XcamProject, batch_partitions
 
 GROUP = "preprocess"
 
@@ -31,35 +30,9 @@ def preview_markdown(before: list[np.ndarray], after: list[np.ndarray], size: in
             f"![preview](data:image/png;base64,{base64.b64encode(png.tobytes()).decode()})")
 
 
-def batch_jobs(s, batch: str) -> list[ImageJob]:
-    """One job per good inventory row of the batch, with its present findings' regions."""
-    inv = (pl.read_parquet(s.inventory_dir / f"{batch}.parquet")
-           .filter(pl.col("status") == "ok").sort("file"))
-    fnd = (pl.read_parquet(s.findings_dir / f"{batch}.parquet")
-           .filter((pl.col("status") == "ok") & pl.col("present")
-                   & pl.col("finding").is_in(s.findings)))
-    labels: dict[str, dict] = {}
-    for row in fnd.iter_rows(named=True):
-        boxes = tuple((b["x_min"], b["y_min"], b["x_max"], b["y_max"]) for b in row["boxes"] or [])
-        masks = (row["mask_file"],) if row["mask_file"] else ()
-        old_b, old_m = labels.setdefault(row["image_key"], {}).get(row["finding"], ((), ()))
-        labels[row["image_key"]][row["finding"]] = (old_b + boxes, old_m + masks)
-    raw_batch = s.raw_dir / batch
-    return [ImageJob(image_key=r["image_key"], path=raw_batch / r["file"], file=r["file"],
-                     source_sha256=r["sha256"], labels=labels.get(r["image_key"], {}))
-            for r in inv.iter_rows(named=True)]
-
-
-def preprocess_params(s) -> PreprocessParams:
-    p = s.clahe
-    return PreprocessParams(clip_limit=float(p["clip_limit"]), tile_grid=int(p["tile_grid"]),
-                            size=s.image_size, pad_to_square=bool(p["pad_to_square"]),
-                            findings=tuple(s.findings))
-
-
 @dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version=PREPROCESS_VERSION,
           deps=[dicom_inventory, findings], kinds={"numpy", "opencv"})
-def clahe_tensors(context: dg.AssetExecutionContext, xcam: XcamConfig) -> dg.MaterializeResult:
+def clahe_tensors(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.MaterializeResult:
     """decode -> modality/VOI LUT -> MONOCHROME1 inversion -> 8-bit -> CLAHE -> pad/resize.
 
     Shards `data/tensors/<batch>/images.npy` (N, S, S) uint8 and `regions.npy`

@@ -4,11 +4,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from xcam_assets.expectations import validate_frame
-from xcam_assets.ingest.checks import ge_result, suite
+from xcam_assets.expectations import ge_result, suite, validate_frame
 from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.store import verify_batch
-from xcam_assets.resources import XcamConfig, batch_partitions
+from xcam_assets.project import XcamProject, batch_partitions
 
 
 def tensor_stats(images: np.ndarray, regions: np.ndarray, keys: list[str]) -> pl.DataFrame:
@@ -28,7 +27,7 @@ def tensor_stats(images: np.ndarray, regions: np.ndarray, keys: list[str]) -> pl
 
 @dg.asset_check(asset=clahe_tensors, blocking=True, partitions_def=batch_partitions)
 def tensors_are_sound(context: dg.AssetCheckExecutionContext,
-                      xcam: XcamConfig) -> dg.AssetCheckResult:
+                      xcam: XcamProject) -> dg.AssetCheckResult:
     """dtype, range, no NaN/Inf, no constant image, shards match the manifest, and one
     tensor per good inventory row."""
     s = xcam.settings()

@@ -27,7 +27,9 @@ import cv2
 import numpy as np
 import polars as pl
 
-from xcam_assets.hashing import atomic_write_parquet, remove_stale_temps, sha256_file, temp_path
+from xcam_assets.atomic import atomic_write_parquet, remove_stale_temps, temp_path
+from xcam_assets.config import Settings
+from xcam_assets.hashing import sha256_file
 from xcam_assets.ingest.dicom import decode_u8
 from xcam_assets.preprocess.clahe import clahe_tensor
 from xcam_assets.preprocess.store import verify_batch
@@ -286,3 +288,30 @@ def _collect(results, boxes_json, failures, done, total, t0, log) -> int:
     if done // 200 > before // 200 or done == total:
         log(f"{done}/{total} images preprocessed, {done / (time.perf_counter() - t0):.0f} images/s")
     return done
+
+
+def batch_jobs(settings: Settings, batch: str) -> list[ImageJob]:
+    """One job per good inventory row of the batch, with its present findings' regions."""
+    inv = (pl.read_parquet(settings.inventory_dir / f"{batch}.parquet")
+           .filter(pl.col("status") == "ok").sort("file"))
+    fnd = (pl.read_parquet(settings.findings_dir / f"{batch}.parquet")
+           .filter((pl.col("status") == "ok") & pl.col("present")
+                   & pl.col("finding").is_in(settings.findings)))
+    labels: dict[str, dict] = {}
+    for row in fnd.iter_rows(named=True):
+        boxes = tuple((b["x_min"], b["y_min"], b["x_max"], b["y_max"]) for b in row["boxes"] or [])
+        masks = (row["mask_file"],) if row["mask_file"] else ()
+        old_b, old_m = labels.setdefault(row["image_key"], {}).get(row["finding"], ((), ()))
+        labels[row["image_key"]][row["finding"]] = (old_b + boxes, old_m + masks)
+    raw_batch = settings.raw_dir / batch
+    return [ImageJob(image_key=r["image_key"], path=raw_batch / r["file"], file=r["file"],
+                     source_sha256=r["sha256"], labels=labels.get(r["image_key"], {}))
+            for r in inv.iter_rows(named=True)]
+
+
+def preprocess_params(settings: Settings) -> PreprocessParams:
+    """The profile's CLAHE and size settings as the pipeline's parameters."""
+    p = settings.clahe
+    return PreprocessParams(clip_limit=float(p["clip_limit"]), tile_grid=int(p["tile_grid"]),
+                            size=settings.image_size, pad_to_square=bool(p["pad_to_square"]),
+                            findings=tuple(settings.findings))

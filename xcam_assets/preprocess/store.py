@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from xcam_assets.hashing import sha256_file
+from xcam_assets.config import Settings
+from xcam_assets.hashing import combine_hashes, sha256_file
 
 
 @dataclass
@@ -78,3 +79,18 @@ def load_tensor_set(tensors_dir: Path, keys: list[str] | None = None) -> TensorS
         regions=np.stack(regions) if regions else np.zeros((0, 0, 0, 0), np.uint8),
         manifest=manifest,
     )
+
+
+def split_arrays(settings: Settings, split: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, images uint8 (N,S,S), labels (N,F), regions (N,F,S,S)) for one split."""
+    frame = pl.read_parquet(settings.splits_path).filter(pl.col("split") == split).sort("image_key")
+    keys = frame["image_key"].to_list()
+    ts = load_tensor_set(settings.tensors_dir, keys)
+    y = frame.select([f"y_{f}" for f in settings.findings]).to_numpy().astype(np.float32)
+    return keys, ts.images, y, ts.regions
+
+
+def tensors_version(settings: Settings) -> str:
+    """A digest of every batch's tensor manifest: the training data's version."""
+    return combine_hashes((p.parent.name, sha256_file(p))
+                          for p in settings.tensors_dir.glob("*/manifest.parquet"))

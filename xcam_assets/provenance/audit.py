@@ -31,15 +31,9 @@ import dagster as dg
 import polars as pl
 from dagster._core.event_api import AssetRecordsFilter, PartitionKeyFilter
 
-from xcam_assets.config import Settings, load_settings
-from xcam_assets.hashing import (
-    atomic_write_json,
-    atomic_write_text,
-    dvc_md5,
-    dvc_tree,
-    load_manifest,
-    sha256_file,
-)
+from xcam_assets.atomic import atomic_write_json, atomic_write_text
+from xcam_assets.config import Settings
+from xcam_assets.hashing import dvc_md5, dvc_tree, load_manifest, sha256_file
 from xcam_assets.provenance import (
     TAG_GIT,
     TAG_HOST,
@@ -116,11 +110,7 @@ class Auditor:
     """Walks the lineage in one instance and checks it against one project's files."""
 
     def __init__(self, settings: Settings, instance: dg.DagsterInstance,
-                 defs: dg.Definitions | None = None) -> None:
-        if defs is None:
-            from xcam_assets.definitions import defs as project_defs
-
-            defs = project_defs
+                 defs: dg.Definitions) -> None:
         self.s, self.instance = settings, instance
         self.graph = defs.resolve_asset_graph()
         self.home = Path(os.environ.get("DAGSTER_HOME") or settings.root / "dagster_home")
@@ -402,24 +392,3 @@ def write_outputs(report: AuditReport, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_audit(asset: str, partition: str | None = None, out_dir: Path | None = None,
-              settings: Settings | None = None, instance: dg.DagsterInstance | None = None,
-              log: Any = print) -> int:
-    """The `xcam audit` command: 0 when the lineage verifies, 1 otherwise."""
-    from xcam_assets.orchestrate import project_instance
-
-    settings = settings or load_settings()
-    instance = instance or project_instance(settings)
-    report = Auditor(settings, instance).audit(asset, partition)
-    out_dir = out_dir or settings.root / "reports" / "audit"
-    paths = write_outputs(report, out_dir)
-    n_ok = sum(1 for s in report.steps if s.get("output", {}).get("verified"))
-    log(f"xcam audit {step_id(asset, partition)}: {len(report.steps)} steps "
-        f"({n_ok} outputs verified), {len(report.raw_files)} raw DICOM files")
-    for p in report.problems:
-        log(f"  {p['severity'].upper()} {p['step']}: {p['message']}")
-    for kind, path in paths.items():
-        log(f"  {kind}: {path}")
-    log("PASS: every recorded hash matches the files on disk" if report.passed else
-        "FAIL: see the problems above")
-    return 0 if report.passed else 1

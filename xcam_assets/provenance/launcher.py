@@ -19,7 +19,7 @@ from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, Wor
 from dagster._core.launcher.base import LaunchRunContext
 from dagster._serdes import ConfigurableClassData
 
-from xcam_assets.hashing import process_alive, process_started_at
+from xcam_assets.procs import process_alive, process_started_at
 from xcam_assets.provenance import (
     TAG_HOST,
     TAG_LAUNCHED_BY,

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from xcam_assets.hashing import atomic_path, atomic_write_json, atomic_write_text
+from xcam_assets.atomic import atomic_path, atomic_write_json, atomic_write_text
+from xcam_assets.config import Settings
 from xcam_assets.train.zoo import build_model
 
 
@@ -73,3 +74,13 @@ def load_model(out_dir: Path, zoo: dict[str, dict[str, Any]]) -> tuple[nn.Module
 def all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point())
+
+
+def load_trained_model(settings: Settings, arch: str, device: torch.device) -> nn.Module:
+    """The architecture's checkpoint in eval mode on `device`, built at the image size it
+    was trained at (ViT position embeddings are sized for it; recorded in model.json)."""
+    ckpt = settings.checkpoints_dir / arch
+    size = json.loads((ckpt / "model.json").read_text()).get("image_size", settings.image_size)
+    model = build_model(arch, settings.zoo, n_classes=len(settings.findings), image_size=int(size))
+    load_checkpoint(ckpt, model)
+    return model.to(device).eval()

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from xcam_assets.resources import XcamConfig
+from xcam_assets.project import XcamProject
 from xcam_assets.train.assets import arch_partitions, checkpoints
 from xcam_assets.train.checkpoint import all_finite, load_model
 from xcam_assets.train.zoo import state_dict_hash
@@ -10,7 +10,7 @@ from xcam_assets.train.zoo import state_dict_hash
 
 @dg.asset_check(asset=checkpoints, blocking=True, partitions_def=arch_partitions)
 def model_is_sound(context: dg.AssetCheckExecutionContext,
-                   xcam: XcamConfig) -> dg.AssetCheckResult:
+                   xcam: XcamProject) -> dg.AssetCheckResult:
     """Weights load, match the sidecar's hash and are finite; validation AUC is above
     chance by the profile's margin: AUC >= `min_val_auc` (default 0.5) and, when set,
     AUC >= 0.5 + `min_auc_margin`."""

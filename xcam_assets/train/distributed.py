@@ -34,12 +34,15 @@ import torch
 import torch.distributed as dist
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
+from xcam_assets.config import Settings, load_settings
+from xcam_assets.train.stage import train_and_save
 
-def ddp_command(s, arch: str, processes: int, study: str = "") -> list[str]:
+
+def ddp_command(settings: Settings, arch: str, processes: int, study: str = "") -> list[str]:
     """The torchrun command line that trains `arch` for settings `s` on `processes` ranks."""
     cmd = [sys.executable, "-m", "xcam_assets.train.distributed", "torchrun", "--standalone",
            f"--nproc_per_node={processes}", "-m", "xcam_assets.train.distributed", arch,
-           "--root", str(s.root), "--data-dir", str(s.data_dir), "--profile", s.profile_name]
+           "--root", str(settings.root), "--data-dir", str(settings.data_dir), "--profile", settings.profile_name]
     study = study or os.environ.get("XCAM_STUDY", "")
     return cmd + (["--study", study] if study else [])
 
@@ -83,8 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", default="")
     args = parser.parse_args(argv)
 
-    from xcam_assets.config import load_settings
-    from xcam_assets.train.assets import train_and_save
 
     die_with_parent()
     device = init_process_group()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xcam_assets.evaluate.diagnostic import t_confidence_interval
+from xcam_assets.stats import t_confidence_interval
 from xcam_assets.train import checkpoint as ckpt
 from xcam_assets.train.loop import mean_auc, predict_logits, rank_and_world, train_classifier
 from xcam_assets.train.recipes import Recipe

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from xcam_assets.evaluate.diagnostic import roc_auc
-from xcam_assets.hashing import atomic_write_bytes
+from xcam_assets.atomic import atomic_write_bytes
+from xcam_assets.stats import roc_auc
 from xcam_assets.train.recipes import Augment, Phase, Recipe, default_recipe
 
 MEAN, STD = 0.5, 0.25

@@ -9,6 +9,8 @@ and a run that demands weights it cannot find stops with the paths it tried.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,68 @@ class ZooError(ValueError):
     pass
 
 
-def zoo_entry(name: str, zoo: dict[str, dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ZooEntry:
+    """One architecture of `resources/models.yaml`, typed (the fields are explained at the
+    top of that file). `raw` keeps the YAML mapping as written: it goes into training
+    fingerprints and sidecars unchanged, so a checkpoint's identity does not depend on how
+    this class spells its defaults."""
+
+    name: str
+    timm_name: str
+    target_layer: str | tuple[str, ...]
+    builder: str = "timm"
+    family: str = "cnn"
+    in_chans: int = 1
+    reshape_transform: str | None = None
+    image_size_kwarg: str | None = None
+    head: tuple[str, ...] = ()
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    pretrained_file: str | None = None
+    decoder_channels: int = 128
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_yaml(cls, name: str, raw: Mapping[str, Any]) -> ZooEntry:
+        known = {f.name for f in fields(cls)} - {"name", "raw"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ZooError(f"resources/models.yaml entry {name!r}: unknown field(s) {unknown} "
+                           f"(known: {', '.join(sorted(known))})")
+        for need in ("timm_name", "target_layer"):
+            if need not in raw:
+                raise ZooError(f"resources/models.yaml entry {name!r} has no {need!r}")
+        values = dict(raw)
+        if isinstance(values["target_layer"], list):
+            values["target_layer"] = tuple(values["target_layer"])
+        head = values.get("head") or ()
+        values["head"] = (head,) if isinstance(head, str) else tuple(head)
+        values["timm_kwargs"] = dict(values.get("timm_kwargs") or {})
+        return cls(name=name, raw=dict(raw), **values)
+
+    @property
+    def target_layers(self) -> tuple[str, ...]:
+        layer = self.target_layer
+        return layer if isinstance(layer, tuple) else (layer,)
+
+    @property
+    def class_maps(self) -> bool:
+        """Whether the model has its own class maps (PYLON's `pylon` CAM method)."""
+        return self.builder == "pylon"
+
+
+def zoo_entry(name: str, zoo: Mapping[str, Any]) -> ZooEntry:
+    """The typed entry `name` of a zoo mapping (YAML dicts or ZooEntry values)."""
     if name not in zoo:
         raise ZooError(f"architecture {name!r} is not in resources/models.yaml "
                        f"(known: {', '.join(sorted(zoo))})")
-    return zoo[name]
+    entry = zoo[name]
+    return entry if isinstance(entry, ZooEntry) else ZooEntry.from_yaml(name, entry)
 
 
 def resolve_pretrained(
     name: str,
-    zoo: dict[str, dict[str, Any]],
+    zoo: Mapping[str, Any],
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
     pretrained_dir: str | Path | None = None,
@@ -52,7 +106,7 @@ def resolve_pretrained(
         p = Path(p).expanduser()
         return p if p.is_absolute() or root is None else root / p
 
-    named = pretrained_file or entry.get("pretrained_file")
+    named = pretrained_file or entry.pretrained_file
     if named:
         if not path(named).is_file():
             raise ZooError(f"pretrained weights for {name} demanded but {path(named)} does not "
@@ -63,12 +117,12 @@ def resolve_pretrained(
     tried: list[Path] = []
     if pretrained_dir:
         for suffix in WEIGHT_SUFFIXES:
-            candidate = path(pretrained_dir) / f"{entry['timm_name']}{suffix}"
+            candidate = path(pretrained_dir) / f"{entry.timm_name}{suffix}"
             tried.append(candidate)
             if candidate.is_file():
                 return candidate
     raise ZooError(
-        f"pretrained weights for {name} (timm {entry['timm_name']}) demanded "
+        f"pretrained weights for {name} (timm {entry.timm_name}) demanded "
         f"(profile `pretrained: true`) but no local file was found; tried: "
         f"{', '.join(map(str, tried)) or 'nothing (no pretrained_dir configured)'}. "
         "There is no network here: download the weights once elsewhere (e.g. "
@@ -79,7 +133,7 @@ def resolve_pretrained(
 
 def build_model(
     name: str,
-    zoo: dict[str, dict[str, Any]],
+    zoo: Mapping[str, Any],
     n_classes: int,
     in_chans: int | None = None,
     pretrained_file: str | Path | None = None,
@@ -92,9 +146,9 @@ def build_model(
     it was trained at; the sidecar records it). `pretrained_file` (see resolve_pretrained)
     is loaded by timm, which adapts RGB stems to `in_chans` and drops the ImageNet head."""
     entry = zoo_entry(name, zoo)
-    in_chans = int(in_chans or entry.get("in_chans", 1))
-    kwargs: dict[str, Any] = dict(entry.get("timm_kwargs") or {})
-    size_kwarg = entry.get("image_size_kwarg")
+    in_chans = int(in_chans or entry.in_chans)
+    kwargs: dict[str, Any] = dict(entry.timm_kwargs)
+    size_kwarg = entry.image_size_kwarg
     if size_kwarg and image_size:
         kwargs[size_kwarg] = int(image_size)
     if pretrained_file:
@@ -104,12 +158,11 @@ def build_model(
                            "(no network here: download them once and point the profile at the file)")
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    builder = entry.get("builder", "timm")
-    if builder == "pylon":
-        return build_pylon(entry, n_classes, in_chans, kwargs)
-    if builder != "timm":
-        raise ZooError(f"{name}: unknown builder {builder!r} (timm, pylon)")
-    return timm.create_model(entry["timm_name"], num_classes=n_classes, in_chans=in_chans,
+    if entry.builder == "pylon":
+        return build_pylon(dict(entry.raw), n_classes, in_chans, kwargs)
+    if entry.builder != "timm":
+        raise ZooError(f"{name}: unknown builder {entry.builder!r} (timm, pylon)")
+    return timm.create_model(entry.timm_name, num_classes=n_classes, in_chans=in_chans,
                              **kwargs)
 
 
@@ -121,17 +174,15 @@ def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
-def target_layers(model: nn.Module, name: str, zoo: dict[str, dict[str, Any]]) -> list[nn.Module]:
-    layer = zoo_entry(name, zoo)["target_layer"]
-    layers = layer if isinstance(layer, list) else [layer]
-    return [resolve_layer(model, dotted) for dotted in layers]
+def target_layers(model: nn.Module, name: str, zoo: Mapping[str, Any]) -> list[nn.Module]:
+    return [resolve_layer(model, dotted) for dotted in zoo_entry(name, zoo).target_layers]
 
 
-def head_prefixes(model: nn.Module, name: str, zoo: dict[str, dict[str, Any]]) -> list[str]:
+def head_prefixes(model: nn.Module, name: str, zoo: Mapping[str, Any]) -> list[str]:
     """Parameter-name prefixes of the head (the rest is the backbone that freezing stops).
 
     From the entry's `head`, else timm's `pretrained_cfg['classifier']`."""
-    heads = zoo_entry(name, zoo).get("head")
+    heads: Any = zoo_entry(name, zoo).head
     if not heads:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         heads = cfg.get("classifier") or []

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from xcam_assets.hashing import atomic_write_bytes
+from xcam_assets.atomic import atomic_write_bytes
 from xcam_assets.ingest.adapters.siim import union_mask
 from xcam_assets.ingest.dicom import read_header
 from xcam_assets.ingest.inventory import candidate_files

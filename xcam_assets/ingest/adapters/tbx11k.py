@@ -1,6 +1,6 @@
 """TBX11K: Pascal-VOC XML (original resolution) -> canonical rows.
 
-Reuses `xcam_assets.ingest.tbx11k` (the PNG -> DICOM importer): the same VOC
+Reuses `xcam_assets.ingest.importers.tbx11k_png` (the PNG -> DICOM importer): the same VOC
 reading and box convention (1-based inclusive max -> 0-based exclusive max). Boxes
 stay in the XML's `<size>` space (coord_width/height), so they scale to whatever
 the stored image is. Every image gets a row for `finding` (present when it has >= 1
@@ -16,7 +16,7 @@ import polars as pl
 from PIL import Image
 
 from xcam_assets.ingest.adapters import conform
-from xcam_assets.ingest.tbx11k import DEFAULT_FINDING, parse_voc, voc_box_to_pixels
+from xcam_assets.ingest.importers.tbx11k_png import DEFAULT_FINDING, parse_voc, voc_box_to_pixels
 
 
 def read_tbx11k(source_dir: Path, finding: str = DEFAULT_FINDING) -> pl.DataFrame:

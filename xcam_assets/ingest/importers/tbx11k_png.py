@@ -33,18 +33,15 @@ Decisions callers must know:
 
 from __future__ import annotations
 
-import io
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from xcam_assets.hashing import atomic_path, sha256_bytes
+from xcam_assets.atomic import atomic_path
+from xcam_assets.ingest.importers.png import is_within, read_gray_png, secondary_capture
 from xcam_assets.ingest.labels import write_batch_labels
 
 log = logging.getLogger(__name__)
@@ -56,7 +53,6 @@ TBX11K_CITATION = (
 )
 """TBX11K's terms ask for this citation wherever its data is used."""
 
-SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 DEFAULT_FINDING = "ActiveTuberculosis"
 _BOX_DECIMALS = 3
 
@@ -117,86 +113,6 @@ def voc_box_to_pixels(
     return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
 
 
-def _uid(sha: str, role: str) -> str:
-    return generate_uid(entropy_srcs=[sha, role])
-
-
-def secondary_capture(pixels: np.ndarray, stem: str, source_name: str, sha: str) -> Dataset:
-    """A Secondary Capture DICOM dataset holding `pixels` (uint8, 2-D) unchanged."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 2:
-        raise ValueError(f"expected a 2-D uint8 image, got {pixels.dtype} {pixels.shape}")
-    origin = f"converted from TBX11K {source_name} sha256={sha}"
-    sop_uid = _uid(sha, "sop")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SECONDARY_CAPTURE_SOP_CLASS
-    ds.SOPInstanceUID = sop_uid
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    # Patient: a synthetic id per image (TBX11K has no patient ids); no PHI exists to carry
-    ds.PatientName = ""
-    ds.PatientID = f"TBX11K-{stem}"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "public TBX11K dataset; PatientID is synthetic, one per image"
-    # Study / series: one each per image; dates left empty so the bytes are reproducible
-    ds.StudyInstanceUID = _uid(sha, "study")
-    ds.StudyDate = ""
-    ds.StudyTime = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
-    ds.StudyDescription = "TBX11K chest radiograph"
-    ds.SeriesInstanceUID = _uid(sha, "series")
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = "TBX11K (Liu et al., CVPR 2020)"
-    ds.Modality = "OT"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.ConversionType = "WSD"
-    ds.SecondaryCaptureDeviceManufacturer = "xcam"
-    ds.InstanceNumber = 1
-    ds.PatientOrientation = ""
-    ds.DerivationDescription = origin
-    ds.ImageComments = origin
-    ds.BurnedInAnnotation = "NO"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    data = np.ascontiguousarray(pixels).tobytes()
-    ds.add_new(0x7FE00010, "OB", data + b"\0" * (len(data) % 2))  # even length, as DICOM needs
-    return ds
-
-
-def _read_png(path: Path) -> tuple[np.ndarray, str]:
-    """The PNG's pixels (uint8, 2-D) and the sha256 of the very bytes decoded."""
-    raw = path.read_bytes()
-    with Image.open(io.BytesIO(raw)) as im:
-        if im.format != "PNG":
-            raise ValueError(f"not a PNG (format {im.format})")
-        if im.mode != "L":
-            raise ValueError(f"mode {im.mode!r} is not 8-bit grayscale ('L')")
-        im.load()
-        pixels = np.asarray(im, dtype=np.uint8).copy()
-    return pixels, sha256_bytes(raw)
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-    except ValueError:
-        return False
-    return True
-
-
 def import_tbx11k(
     source_dir: Path,
     out_batch_dir: Path,
@@ -218,7 +134,7 @@ def import_tbx11k(
         raise ValueError(f"patient_key_from={patient_key_from!r}: TBX11K has no patient ids; "
                          "only 'image' (one patient per image) is possible")
     source_dir, out_batch_dir = Path(source_dir).resolve(), Path(out_batch_dir).resolve()
-    if _is_within(out_batch_dir, source_dir):
+    if is_within(out_batch_dir, source_dir):
         raise ValueError(f"{out_batch_dir} lies inside the source {source_dir}; "
                          "the source is never written to")
     notes: list[str] = problems if problems is not None else []
@@ -243,7 +159,7 @@ def import_tbx11k(
     for png in pngs:
         rel = f"images/{png.name}"
         try:
-            pixels, sha = _read_png(png)
+            pixels, sha = read_gray_png(png)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             note(f"skipped {rel}: cannot read it as an 8-bit grayscale PNG ({exc})")
             continue
@@ -283,7 +199,12 @@ def import_tbx11k(
                 rows.append({"file": file, "finding": name, "present": int(name in positive)})
             rows.extend({"file": file, "finding": name, "present": 1, **b} for b in boxes)
 
-        ds = secondary_capture(pixels, png.stem, rel, sha)
+        ds = secondary_capture(
+            pixels, sha, origin=f"converted from TBX11K {rel} sha256={sha}",
+            patient_id=f"TBX11K-{png.stem}",
+            deid_method="public TBX11K dataset; PatientID is synthetic, one per image",
+            study_description="TBX11K chest radiograph",
+            series_description="TBX11K (Liu et al., CVPR 2020)")
         with atomic_path(out_batch_dir / file) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
 

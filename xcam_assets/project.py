@@ -1,4 +1,7 @@
-"""Dagster resources and partitions shared by every stage."""
+"""The Dagster resource every asset takes (`xcam`: `XcamProject`) and the partitions.
+
+Named for what it is, the project (root, profile, study, data folder), so it is not
+confused with the `resources/` folder of YAML files or with Dagster's run `Config`."""
 
 import warnings
 
@@ -19,7 +22,7 @@ def architecture_partitions() -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition(list(load_settings().zoo))
 
 
-class XcamConfig(dg.ConfigurableResource):
+class XcamProject(dg.ConfigurableResource):
     """Where the project lives and which profile/study sizes the work.
 
     Empty strings mean: take it from the environment / resources/params.yaml.

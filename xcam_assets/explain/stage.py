@@ -1,0 +1,162 @@
+"""The explain stage's run, without Dagster: test-split predictions and CAM heatmaps of
+one trained architecture, with overlays, montages and a provenance sidecar."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from xcam_assets.atomic import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+)
+from xcam_assets.config import Settings
+from xcam_assets.explain.cams import heatmap_stack, parse_method, reshape_transform_for
+from xcam_assets.explain.overlays import encode_png, montage, overlay
+from xcam_assets.hashing import sha256_file
+from xcam_assets.preprocess.store import split_arrays
+from xcam_assets.train.checkpoint import load_trained_model
+from xcam_assets.train.loop import predict_logits
+from xcam_assets.train.zoo import pick_device, target_layers, zoo_entry
+
+SIDECAR = "heatmaps.json"
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """`explain:` of params.yaml and the profile, read once: overlay alphas, how many
+    positives get overlays per finding, the CAM batch size and the CAM methods."""
+
+    cam_methods: tuple[str, ...]
+    batch_size: int
+    overlay_alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    n_overlays: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExplainConfig:
+        """Profile `explain:` over params.yaml `explain:` over the defaults; the batch size
+        defaults to the profile's training batch size."""
+        cfg = {**(settings.params.get("explain") or {}), **(settings.profile.get("explain") or {})}
+        return cls(cam_methods=tuple(settings.profile["cam_methods"]),
+                   batch_size=int(cfg.get("batch_size") or settings.profile["batch_size"]),
+                   overlay_alphas=tuple(float(a) for a in cfg.get("overlay_alphas",
+                                                                  cls.overlay_alphas)),
+                   n_overlays=int(cfg.get("n_overlays", cls.n_overlays)))
+
+
+@dataclass
+class ExplainOutcome:
+    """What a heatmap set holds: per method its sidecar entry, and per made method a
+    montage of positives (an RGB array and its caption) for the UI."""
+
+    out: Path
+    n_images: int
+    methods: dict[str, dict[str, Any]]
+    montages: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+
+
+def read_sidecar(out: Path) -> dict:
+    """The heatmap set's sidecar (`heatmaps/<arch>/heatmaps.json`)."""
+    return json.loads((out / SIDECAR).read_text())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        tmp.write_bytes(buf.getvalue())
+
+
+def write_predictions(settings: Settings, model: Any, device: Any, out: Path) -> None:
+    """The model's probabilities on the val and test splits (`predictions.parquet`)."""
+    preds = []
+    for split in ("val", "test"):
+        keys, x, y, _ = split_arrays(settings, split)
+        prob = 1.0 / (1.0 + np.exp(-predict_logits(model, x, device=device)))
+        for k, finding in enumerate(settings.findings):
+            preds.append(pl.DataFrame({"image_key": keys, "split": split, "finding": finding,
+                                       "label": y[:, k].astype(np.int8),
+                                       "probability": prob[:, k].astype(np.float64)}))
+    atomic_write_parquet(out / "predictions.parquet", pl.concat(preds))
+
+
+def write_overlays(out: Path, key: str, findings: list[str], keys: list[str], x: np.ndarray,
+                   y: np.ndarray, maps: np.ndarray, cfg: ExplainConfig) -> np.ndarray:
+    """Overlay PNGs of the first positives of each finding at every alpha, and their
+    montage (`montage_<key>.png`); returns the montage."""
+    tiles, captions = [], []
+    for k, finding in enumerate(findings):
+        pos = [i for i in range(len(keys)) if y[i, k] > 0][:cfg.n_overlays]
+        for i in pos:
+            heat = maps[i, k].astype(np.float32)
+            for a in cfg.overlay_alphas:
+                atomic_write_bytes(out / "overlays" / key /
+                                   f"{keys[i]}_{finding}_a{int(round(a * 100)):03d}.png",
+                                   encode_png(overlay(x[i], heat, a)))
+            tiles.append((x[i], heat))
+            captions.append(f"{keys[i][:10]} {finding}")
+    pic = montage([t[0] for t in tiles], [t[1] for t in tiles],
+                  alphas=(0.0, *cfg.overlay_alphas), captions=captions)
+    atomic_write_bytes(out / f"montage_{key}.png", encode_png(pic))
+    return pic
+
+
+def explain_architecture(settings: Settings, arch: str,
+                         log: Callable[[str], None] = print) -> ExplainOutcome:
+    """Per test image, finding and configured CAM method: a heatmap in [0, 1] at input
+    size (float16, `heatmaps/<arch>/<method>.npy` (N, F, S, S), rows in the order of
+    `heatmap_manifest.parquet`), predictions, overlays, montages and the sidecar."""
+    cfg = ExplainConfig.from_settings(settings)
+    device = pick_device()
+    model = load_trained_model(settings, arch, device)
+    out = settings.heatmaps_dir / arch
+    write_predictions(settings, model, device, out)
+    keys, x_te, y_te, _ = split_arrays(settings, "test")
+    layers = target_layers(model, arch, settings.zoo)
+    reshape = reshape_transform_for(arch, settings.zoo)
+    atomic_write_parquet(out / "heatmap_manifest.parquet", pl.DataFrame(
+        {"image_key": keys, "row": list(range(len(keys))),
+         **{f"y_{f}": y_te[:, k].astype(np.int8) for k, f in enumerate(settings.findings)}}))
+    outcome = ExplainOutcome(out=out, n_images=len(keys), methods={})
+    for method in cfg.cam_methods:
+        spec = parse_method(method)
+        if spec.is_class_map and not hasattr(model, "class_maps"):
+            outcome.methods[spec.name] = {
+                "status": "skipped", "base": spec.base, "relu": spec.relu,
+                "reason": f"{arch} has no class_maps() (not a PYLON model)"}
+            log(f"{spec.name}: skipped for {arch} (no class maps)")
+            continue
+        t0 = time.perf_counter()
+        maps = heatmap_stack(model, layers, x_te, spec, len(settings.findings),
+                             batch_size=cfg.batch_size, reshape_transform=reshape)
+        seconds = time.perf_counter() - t0
+        path = out / f"{spec.key}.npy"
+        _save_npy(path, maps)
+        outcome.methods[spec.name] = {
+            "status": "ok", "file": path.name, "sha256": sha256_file(path), "base": spec.base,
+            "relu": spec.relu, "shape": list(maps.shape), "dtype": "float16",
+            "seconds": round(seconds, 3),
+            "heatmaps_per_s": round(maps.shape[0] * maps.shape[1] / max(seconds, 1e-9), 2)}
+        pic = write_overlays(out, spec.key, settings.findings, keys, x_te, y_te, maps, cfg)
+        outcome.montages[spec.name] = (pic, f"{arch} {spec.name}: positives, alpha 0 / "
+                                       + " / ".join(f"{a:g}" for a in cfg.overlay_alphas))
+        log(f"{spec.name}: {maps.shape[0]} x {maps.shape[1]} heatmaps in {seconds:.1f}s")
+    entry = zoo_entry(arch, settings.zoo)
+    atomic_write_json(out / SIDECAR, {
+        "architecture": arch, "findings": settings.findings, "image_size": settings.image_size,
+        "n_images": len(keys),
+        "target_layers": list(entry.target_layers),
+        "reshape_transform": entry.reshape_transform, "batch_size": cfg.batch_size,
+        "overlay_alphas": list(cfg.overlay_alphas), "methods": outcome.methods,
+        "device": str(device)})
+    return outcome

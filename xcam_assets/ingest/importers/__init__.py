@@ -1,0 +1,1 @@
+"""Importers: public PNG datasets -> DICOM arrival batches (+ labels.csv)."""

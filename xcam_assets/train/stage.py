@@ -1,0 +1,142 @@
+"""The train stage's run, without Dagster: train an architecture by the profile and write
+its checkpoint (weights, JSON sidecar with provenance, markdown model card).
+
+The `checkpoints` asset calls `train_and_save` in its own process; every rank of a DDP
+launch (`xcam_assets.train.distributed`) calls the same function, so a rank never imports
+Dagster or the asset module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from xcam_assets.config import Settings
+from xcam_assets.hashing import sha256_file
+from xcam_assets.preprocess.store import split_arrays, tensors_version
+from xcam_assets.provenance import environment, git_commit, package_versions
+from xcam_assets.train.checkpoint import save_checkpoint
+from xcam_assets.train.fit import FitOutcome, fit_architecture, seeds_for
+from xcam_assets.train.loop import rank_and_world
+from xcam_assets.train.recipes import Recipe, recipe_from_profile
+from xcam_assets.train.zoo import pick_device, resolve_pretrained, zoo_entry
+
+
+def _fmt_ci(summary: dict) -> str:
+    m = summary
+    if m["n"] < 2:
+        return f"{m['mean']:.3f} (one seed: no CI)"
+    return f"{m['mean']:.3f} (95% t-CI {m['ci_low']:.3f} to {m['ci_high']:.3f}, {m['n']} seeds)"
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    parts = []
+    for p in recipe.phases:
+        what = "head only (backbone frozen)" if p.freeze_backbone else "all layers"
+        sched = {"constant": "constant LR",
+                 "plateau": (f"LR x{p.plateau_factor:g} after {p.plateau_patience} epochs without "
+                             f"val-loss improvement, stop after reduction "
+                             f"{p.stop_after_reductions}"),
+                 "one_cycle": "one-cycle LR"}[p.schedule]
+        parts.append(f"phase `{p.name}`: {what}, {p.optimizer} lr {p.lr:g} wd {p.weight_decay:g}, "
+                     f"{sched}, at most {p.epochs} epochs")
+    aug = recipe.augment
+    augs = (f"rotation +-{aug.rotation_deg:g} deg, hflip {aug.hflip}, vflip {aug.vflip}, "
+            f"noise sd {aug.noise_std:g}" if aug.enabled else "none")
+    return (f"recipe `{recipe.name}`; " + "; ".join(parts)
+            + f". Class balance: {recipe.balance}. Augmentation: {augs}.")
+
+
+def model_card(arch: str, settings: Settings, outcome: FitOutcome, recipe: Recipe, pretrained: str | None,
+               n: dict[str, int]) -> str:
+    entry = zoo_entry(arch, settings.zoo)
+    run = outcome.primary
+    init = f"pretrained weights `{pretrained}`" if pretrained else "from scratch (random init)"
+    return f"""# Model card: {arch} ({', '.join(settings.findings)})
+
+**Intended use**: research on explainable chest X-ray classification with xcam;
+heatmap-trust evaluation. Not a medical device; not for clinical decisions.
+
+**Model**: `{entry.builder}` / timm `{entry.timm_name}`, {len(settings.findings)}
+sigmoid output(settings) (multi-label BCE), 1 input channel, {init}. CAM target
+`{entry.raw['target_layer']}`{'; own class maps (`pylon` CAM method)' if entry.class_maps else ''}.
+
+**Data**: cohort under `{settings.data_dir.name}/` (profile `{settings.profile_name}`), patient-level
+splits: train {n['train']} / val {n['val']} images. Input {settings.image_size} px, CLAHE clip
+{settings.clahe['clip_limit']} tiles {settings.clahe['tile_grid']}.
+
+**Training**: {describe_recipe(recipe)} Batch {settings.profile['batch_size']}; seeds
+{', '.join(str(r.seed) for r in outcome.runs)}; this checkpoint: seed {run.seed}
+(lowest validation loss), best epoch {run.best_epoch} of {len(run.history)}.
+
+**Performance (validation)**: AUC {run.val_auc:.3f} for this checkpoint; over seeds
+{_fmt_ci(outcome.summary['val_auc'])}. Test-split metrics with bootstrap CIs are in
+`metric_tables`.
+
+**Limitations**: small cohorts give wide intervals; the embedded demo cohort is synthetic;
+heatmaps must be judged with the localization and faithfulness metrics before trusting them.
+"""
+
+
+def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = print,
+                   device: torch.device | None = None) -> None:
+    """Train `arch` by the active profile and write its checkpoint (weights, sidecar, card).
+
+    The body of the `checkpoints` asset, also run by every rank of a DDP launch
+    (`xcam_assets.train.distributed`), where rank 0 alone writes."""
+    prof = settings.profile
+    entry = zoo_entry(arch, settings.zoo)
+    recipe = recipe_from_profile(prof)
+    seeds = seeds_for(prof, settings.seed)
+    pretrained = resolve_pretrained(arch, settings.zoo, pretrained=bool(prof.get("pretrained", False)),
+                                    pretrained_file=prof.get("pretrained_file"),
+                                    pretrained_dir=prof.get("pretrained_dir"), root=settings.root)
+    _, x_tr, y_tr, _ = split_arrays(settings, "train")
+    _, x_va, y_va, _ = split_arrays(settings, "val")
+    device = device or pick_device()
+    rank, world = rank_and_world()
+    data_versions = {"clahe_tensors": tensors_version(settings),
+                     "cohort_splits": sha256_file(settings.splits_path)}
+    base_fp = {"architecture": arch, "zoo_entry": dict(entry.raw), "recipe": recipe.to_dict(),
+               "batch_size": int(prof["batch_size"]), "image_size": settings.image_size,
+               "findings": settings.findings, "data_versions": data_versions,
+               "pretrained": sha256_file(pretrained) if pretrained else None}
+    log(f"training {arch} on {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
+        + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
+        f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
+    out = settings.checkpoints_dir / arch
+    outcome = fit_architecture(
+        arch, settings.zoo, len(settings.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
+        batch_size=int(prof["batch_size"]), seeds=seeds, image_size=settings.image_size, out_dir=out,
+        device=device, base_fingerprint=base_fp, pretrained_file=pretrained,
+        resume=bool(prof.get("resume", True)), deterministic=bool(prof.get("deterministic", False)),
+        log=log)
+    if rank != 0:
+        return
+    run = outcome.primary
+    sidecar = {
+        "architecture": arch, "timm_name": entry.timm_name,
+        "builder": entry.builder, "findings": settings.findings,
+        "profile": settings.profile_name, "parameters": prof, "recipe": recipe.to_dict(),
+        "clahe": settings.clahe, "seed": run.seed, "seeds": [r.seed for r in outcome.runs],
+        "seed_runs": [{"seed": r.seed, "val_auc": r.val_auc, "val_loss": r.val_loss,
+                       "best_epoch": r.best_epoch, "weights_sha256": r.weights_sha256,
+                       "resumed_from_epoch": r.resumed_from_epoch, "reused": r.reused}
+                      for r in outcome.runs],
+        "seed_summary": outcome.summary,
+        "image_size": settings.image_size, "in_chans": entry.in_chans,
+        "target_layer": entry.raw["target_layer"],
+        "reshape_transform": entry.reshape_transform,
+        "class_maps": entry.class_maps,
+        "pretrained": ({"file": str(pretrained), "sha256": base_fp["pretrained"]}
+                       if pretrained else None),
+        "best_epoch": run.best_epoch, "history": run.history, "val_auc": run.val_auc,
+        "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
+        "weights_sha256": run.weights_sha256, "data_versions": data_versions,
+        "git_commit": git_commit(settings.root), "packages": package_versions(),
+        "environment": environment(), "device": str(device), "processes": world,
+    }
+    card = model_card(arch, settings, outcome, recipe, str(pretrained) if pretrained else None,
+                      {"train": len(x_tr), "val": len(x_va)})
+    save_checkpoint(out, outcome.model, sidecar, card)
