@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from xcam_assets.config import load_settings
 
@@ -86,6 +87,82 @@ def cmd_import_tbx11k(args: argparse.Namespace) -> None:
     print(f"imported TBX11K into {out}; run with XCAM_STUDY=tbx11k (finding ActiveTuberculosis)")
 
 
+def cmd_import_nih(args: argparse.Namespace) -> None:
+    """`xcam import-nih SOURCE [--batch nih] [--limit N] [subset]`: the batch, then
+    `.complete` last, so ingest never sees half a batch. Subsets (an external-site batch):
+    `--patients-from FILE` keeps every image of the listed NIH patients, `--exclude-listed`
+    the complement (patient-disjoint batches); `--images-from FILE` picks images."""
+    from xcam_assets.ingest.importers.nih_png import (
+        DATA_ENTRY,
+        find_table,
+        images_of_patients,
+        import_nih,
+        read_list,
+        wanted_names,
+    )
+
+    out = batch_dir(load_settings(), args.batch)
+    source = Path(args.source)
+    images: list[str] | None = None
+    listed = args.patients_from or args.images_from
+    if args.exclude_listed and not listed:
+        raise SystemExit("xcam: --exclude-listed needs --patients-from or --images-from")
+    if listed:
+        try:
+            entries = read_list(Path(listed))
+        except OSError as exc:
+            raise SystemExit(f"xcam: cannot read {listed}: {exc}") from exc
+        if args.patients_from:
+            table = find_table(source.resolve(), DATA_ENTRY)
+            if table is None:
+                raise SystemExit(f"xcam: no {DATA_ENTRY} in {source}")
+            try:
+                images, unknown = images_of_patients(table, entries, args.exclude_listed)
+            except ValueError as exc:
+                raise SystemExit(f"xcam: {listed}: {exc}") from exc
+            if unknown:
+                print(f"xcam: {len(unknown)} listed patient(s) have no image: {unknown[:5]}")
+            present = {p.name for p in (source / "images").glob("*.png")}
+            images = [n for n in images if n in present]  # the table may list more
+        else:
+            images = wanted_names(entries)
+            if args.exclude_listed:
+                drop = set(images)
+                images = [p.name for p in sorted((source / "images").glob("*.png"))
+                          if p.name not in drop]
+    problems: list[str] = []
+    try:
+        import_nih(source, out, limit=args.limit, images=images, problems=problems)
+    except (ValueError, FileExistsError) as exc:
+        raise SystemExit(f"xcam: {exc}") from exc
+    (out / ".complete").touch()
+    n = len(list(out.glob("*.dcm")))
+    skipped = sum(p.startswith("skipped ") for p in problems)
+    print(f"imported NIH ChestX-ray14 into {out}: {n} image(s), {skipped} skipped, "
+          f"{len(problems) - skipped} other note(s) (listed above); labels: the 14 findings "
+          "(set cohort.findings to those you study). Cite Wang et al., CVPR 2017; data: "
+          "NIH Clinical Center")
+
+
+def add_import_nih_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `import-nih` subcommand on `sub` (build_parser's subparsers)."""
+    p = sub.add_parser("import-nih", help="bring NIH ChestX-ray14 PNGs + tables in as a "
+                       "DICOM batch")
+    p.add_argument("source", help="folder with images/*.png, Data_Entry_2017*.csv and "
+                   "BBox_List_2017.csv (read only)")
+    p.add_argument("--batch", default="nih", help="folder name under data/incoming/")
+    p.add_argument("--limit", type=int, help="first N images in name order (after the subset)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--patients-from", metavar="FILE", help="import only these patients' "
+                       "images: one NIH Patient ID per line (61, 00000061 or NIH-00000061)")
+    group.add_argument("--images-from", metavar="FILE", help="import only these images: one "
+                       "PNG name per line (00000061_012.png)")
+    p.add_argument("--exclude-listed", action="store_true", help="import everything but the "
+                   "listed patients/images (the complement batch)")
+    p.set_defaults(fn=cmd_import_nih)
+    return p
+
+
 def cmd_import_labels(args: argparse.Namespace) -> None:
     from xcam_assets.ingest.adapters.batch import write_batch_labels_for
     from xcam_assets.ingest.adapters.registry import read_labels
@@ -141,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="tbx11k")
     p.add_argument("--limit", type=int)
     p.set_defaults(fn=cmd_import_tbx11k)
+    add_import_nih_parser(sub)
     p = sub.add_parser("import-labels", help="a dataset's label table -> a batch's labels.csv "
                        "(formats: siim nih rsna vindr tbx11k csv coco)")
     p.add_argument("format")

