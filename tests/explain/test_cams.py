@@ -118,16 +118,27 @@ class FakePylon(nn.Module):
         return self.class_maps(x).amax(dim=(2, 3))
 
 
-def test_pylon_class_map_upsampled_and_minmax_scaled() -> None:
+def test_pylon_class_map_is_sigmoid_then_upsampled_then_minmax_scaled() -> None:
+    """The official evaluation map (cmb-chula/pylon): sigmoid of the logit map, then
+    bilinear upsampling, here min-max scaled for storage."""
     # bilinear 2 -> 4 (align_corners=False) samples at -0.25, 0.25, 0.75, 1.25 (clamped):
-    # weights [0, .25, .75, 1] -> map 2 * r + c, then / 3
+    # weights [0, .25, .75, 1] along each axis; the logit map is 2 * r + c
     s = np.array([0.0, 0.25, 0.75, 1.0])
-    expected = (2 * s[:, None] + s[None, :]) / 3.0
+
+    def expected(sign: float) -> np.ndarray:
+        sig = 1.0 / (1.0 + np.exp(-sign * np.array([[0.0, 1.0], [2.0, 3.0]])))
+        r, c = s[:, None], s[None, :]
+        v = ((1 - r) * (1 - c) * sig[0, 0] + (1 - r) * c * sig[0, 1]
+             + r * (1 - c) * sig[1, 0] + r * c * sig[1, 1])
+        return (v - v.min()) / (v.max() - v.min())
+
     x = np.zeros((2, 4, 4), np.uint8)
     maps = compute_heatmaps(FakePylon(), [], x, "pylon", 0)
-    np.testing.assert_allclose(maps[0], expected, atol=1e-6)
+    np.testing.assert_allclose(maps[0], expected(1.0), atol=1e-6)
     flipped = compute_heatmaps(FakePylon(), [], x, "pylon", 1)  # class 1: -map
-    np.testing.assert_allclose(flipped[1], 1.0 - expected, atol=1e-6)
+    np.testing.assert_allclose(flipped[1], expected(-1.0), atol=1e-6)
+    # not the old definition (min-max of the upsampled logits): sigmoid bends it
+    assert np.abs(maps[0] - (2 * s[:, None] + s[None, :]) / 3.0).max() > 0.01
     with pytest.raises(ValueError, match="class_maps"):
         class_map_heatmaps(PoolLinear(1.0), torch.zeros(1, 1, 4, 4), 0)
 

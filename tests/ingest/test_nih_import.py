@@ -161,12 +161,12 @@ def test_boxes_scaled_by_hand(imported) -> None:
         {"x_min": 76.678, "y_min": 188.454, "x_max": 120.203, "y_max": 208.386}, abs=1.0)
     assert row["boxes"][0] == pytest.approx(
         {"x_min": 76.678, "y_min": 188.454, "x_max": 120.203, "y_max": 208.386}, abs=1e-3)
-    # every imported image has the 14 findings; the normal one none present
-    assert labels.height == 14 * len(GOOD)
+    # every imported image has the 14 findings + the derived Abnormal; the normal one none
+    assert labels.height == 15 * len(GOOD)
     assert not labels.filter(pl.col("file") == "00000129_000.dcm")["present"].any()
     present = set(labels.filter(pl.col("file") == "00000468_017.dcm")
                   .filter("present")["finding"])
-    assert present == {"Atelectasis", "Pneumothorax"}
+    assert present == {"Atelectasis", "Pneumothorax", "Abnormal"}
     assert labels["boxes"].list.len().sum() == 2  # the two boxed images, one box each
 
 
@@ -290,9 +290,9 @@ def test_cli_and_ingest_accept_the_batch(project: Path, source: Path, tmp_path: 
     for table in (inv, fnd.drop("boxes", "label_rows")):
         text = table.write_csv()
         assert "NIH-0" not in text  # the file names keep NIH's, which start with its number
-    assert fnd.height == 14 * len(GOOD)
-    assert dict(fnd.group_by("status").len().iter_rows()) == {"ok": 14 * (len(GOOD) - 1),
-                                                              "quarantined_image": 14}
+    assert fnd.height == 15 * len(GOOD)
+    assert dict(fnd.group_by("status").len().iter_rows()) == {"ok": 15 * (len(GOOD) - 1),
+                                                              "quarantined_image": 15}
     box = fnd.filter((pl.col("file") == "00000468_033.dcm")
                      & (pl.col("finding") == "Atelectasis"))["boxes"][0].to_list()
     assert box == [pytest.approx({"x_min": 76.678, "y_min": 188.454, "x_max": 120.203,

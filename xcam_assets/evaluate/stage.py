@@ -24,10 +24,12 @@ from xcam_assets.evaluate.tables import (
     parse_boxes,
     thresholds_from_predictions,
     to_frame,
+    view_auc_rows,
     wide_table,
 )
 from xcam_assets.explain.cams import parse_method
 from xcam_assets.explain.stage import SIDECAR, read_sidecar
+from xcam_assets.ingest.stage import union_inventory
 from xcam_assets.preprocess.store import read_manifests, split_arrays
 from xcam_assets.train.checkpoint import load_trained_model
 from xcam_assets.train.zoo import pick_device
@@ -72,6 +74,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     n_boot = int(settings.profile["n_boot"])
     keys, x_te, y_te, regions = split_arrays(settings, "test")
     boxes = _test_boxes(settings, keys)
+    views = dict(union_inventory(settings).select("image_key", "view_position").iter_rows())
     images01 = x_te.astype(np.float32) / 255.0
     device = pick_device()
     rows: list[dict] = []
@@ -84,6 +87,8 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
             raise StaleHeatmaps(f"no heatmap set for {arch}: materialize heatmap_sets[{arch}]")
         preds = pl.read_parquet(out / "predictions.parquet")
         rows += diagnostic_table(arch, preds, n_boot=n_boot, seed=settings.seed)
+        rows += view_auc_rows(arch, preds, views, settings.findings[0], n_boot=n_boot,
+                              seed=settings.seed)
         thresholds = thresholds_from_predictions(preds)
         test_prob = np.zeros(y_te.shape)
         for k, finding in enumerate(settings.findings):
@@ -105,17 +110,21 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
             if info["status"] != "ok":
                 continue  # e.g. `pylon` on a model without class maps (reason in the sidecar)
             maps = np.load(out / info["file"]).astype(np.float32)
+            peaks = np.load(out / info["peaks_file"]) if info.get("peaks_file") else None
             t0 = time.perf_counter()
             rows += localization_table(arch, spec.name, settings.findings, maps, regions,
                                        n_boot=n_boot, seed=settings.seed, tolerance_px=tol,
                                        boxes=boxes,
-                                       weak_threshold=float(cfg["weak_localization_threshold"]))
+                                       weak_threshold=float(cfg["weak_localization_threshold"]),
+                                       peaks=peaks)
             timings[f"{arch}/{spec.name}/localization_s"] = round(time.perf_counter() - t0, 2)
             if faith.get("metrics"):
                 t0 = time.perf_counter()
                 if model is None:
                     model = load_trained_model(settings, arch, device)
                 for k, finding in enumerate(settings.findings):
+                    if faith.get("findings") and finding not in faith["findings"]:
+                        continue  # faithfulness limited to these findings (CPU profiles)
                     tp = np.flatnonzero((y_te[:, k] > 0) & (test_prob[:, k] >= thresholds[finding]))
                     if faith.get("max_images") is not None:
                         tp = tp[:int(faith["max_images"])]

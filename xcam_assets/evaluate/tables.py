@@ -32,7 +32,7 @@ from xcam_assets.evaluate.localization import (
     pointing_game_hit,
     weak_localization,
 )
-from xcam_assets.stats import bootstrap_ci, bootstrap_mean_ci
+from xcam_assets.stats import bootstrap_ci, bootstrap_mean_ci, roc_auc
 
 SCHEMA = {"architecture": pl.String, "cam_method": pl.String, "finding": pl.String,
           "metric": pl.String, "value": pl.Float64, "ci_low": pl.Float64,
@@ -78,6 +78,7 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
     "faithfulness": {
         "metrics": ["aopc", "deletion", "insertion", "masked_out_area", "road"],
         "max_images": None,
+        "findings": None,
         "batch_size": 64,
         "aopc": {"region_px": 34, "reference_size": 224, "perturbation": "gaussian_noise",
                  "noise_mean": 0.0, "noise_sd": 0.1, "fill": 0.5, "steps": None},
@@ -114,6 +115,8 @@ def metric_info(name: str) -> tuple[float, float, str]:
         return METRICS[name]
     if name.startswith("pointing_game_tol") and name.endswith("px"):
         return METRICS["pointing_game_tol{tol}px"]
+    if name.startswith("auc_view_"):
+        return METRICS["auc"]
     raise KeyError(f"unknown metric {name!r}")
 
 
@@ -174,6 +177,25 @@ def diagnostic_table(arch: str, predictions: pl.DataFrame, n_boot: int, seed: in
     return rows
 
 
+def view_auc_rows(arch: str, predictions: pl.DataFrame, views: Mapping[str, str | None],
+                  finding: str, n_boot: int, seed: int) -> list[dict]:
+    """Test AUC of `finding` within each acquisition view (`auc_view_PA`, `auc_view_AP`, ...)
+    with bootstrap CIs: a model that learnt the view instead of the disease scores well
+    overall and near 0.5 within a view. Views with one class only give no row."""
+    test = predictions.filter((pl.col("split") == "test") & (pl.col("finding") == finding))
+    test = test.with_columns(pl.col("image_key").replace_strict(
+        dict(views), default=None, return_dtype=pl.String).alias("view"))
+    rows = []
+    for view in sorted(v for v in test["view"].unique().to_list() if v):
+        t = test.filter(pl.col("view") == view)
+        y, p = t["label"].to_numpy(), t["probability"].to_numpy()
+        if y.min() == y.max():
+            continue
+        rows.append(_row(arch, None, finding, f"auc_view_{view}", roc_auc(y, p),
+                         bootstrap_ci(roc_auc, y, p, n_boot=n_boot, seed=seed), t.height))
+    return rows
+
+
 def thresholds_from_predictions(predictions: pl.DataFrame) -> dict[str, float]:
     """finding -> the val threshold of :func:`diagnostic_table`."""
     out = {}
@@ -228,7 +250,8 @@ def weak_localization_best(heatmap: np.ndarray, boxes: Sequence[Sequence[float]]
 def localization_table(arch: str, method: str, findings: list[str], maps: np.ndarray,
                        regions: np.ndarray, n_boot: int, seed: int,
                        tolerance_px: int = 15, boxes: Sequence[Mapping] | None = None,
-                       weak_threshold: float = 0.15) -> list[dict]:
+                       weak_threshold: float = 0.15,
+                       peaks: np.ndarray | None = None) -> list[dict]:
     """Localization metrics of one architecture x method over test images that have a
     non-empty ground-truth region of the finding (positives).
 
@@ -237,6 +260,9 @@ def localization_table(arch: str, method: str, findings: list[str], maps: np.nda
     localization accuracy (boxes: :func:`gt_boxes`). Point localization accuracy also gets
     ``macro_average`` and ``box_weighted_average`` rows (values from
     :func:`point_localization_accuracy`; CIs resample images jointly over findings).
+    ``peaks`` (N, F, 2): each map's argmax taken in float32 before storage (the explain
+    stage's `*_peaks.npy`); point localization accuracy then points there, so maxima that
+    tie in the stored float16 maps do not fall to the first pixel.
     """
     rows: list[dict] = []
     n_img, n_f = maps.shape[0], len(findings)
@@ -249,9 +275,9 @@ def localization_table(arch: str, method: str, findings: list[str], maps: np.nda
         for k, finding in enumerate(findings):
             b = gt_boxes(boxes, regions, i, k, finding) if regions[i, k].any() else []
             if b:
-                heat[finding] = maps[i, k]
+                heat[finding] = _peak_map(maps[i, k], None if peaks is None else peaks[i, k])
                 bx[finding] = b
-                plc_hits[i, k] = float(pointing_game_hit(maps[i, k],
+                plc_hits[i, k] = float(pointing_game_hit(heat[finding],
                                                          boxes_to_mask(b, maps[i, k].shape)))
                 plc_boxes[i, k] = len(b)
         plc_images.append((heat, bx))
@@ -299,6 +325,16 @@ def localization_table(arch: str, method: str, findings: list[str], maps: np.nda
                          plc.box_weighted,
                          bootstrap_ci(weighted, hits, nbox, n_boot=n_boot, seed=seed), n_used))
     return rows
+
+
+def _peak_map(heat: np.ndarray, peak: np.ndarray | None) -> np.ndarray:
+    """`heat`, or where a float32 peak (row, col) was recorded a map whose only maximum is
+    there (argmax-based metrics then point at the recorded peak)."""
+    if peak is None or peak[0] < 0:
+        return heat
+    one = np.zeros(heat.shape, dtype=np.float32)
+    one[int(peak[0]), int(peak[1])] = 1.0
+    return one
 
 
 def _plc_summary(hits: np.ndarray, nbox: np.ndarray) -> tuple[float, float]:

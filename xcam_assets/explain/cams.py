@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import pytorch_grad_cam as pgc
 import torch
-import torch.nn.functional as F
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -299,19 +298,23 @@ def _quiet_progress() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- heatmaps
 def class_map_heatmaps(model: nn.Module, x: torch.Tensor, finding_index: int) -> np.ndarray:
-    """PYLON heatmaps: ``model.class_maps(x)[:, k]`` upsampled to the input size, min-max.
+    """PYLON heatmaps: the map the authors score, min-max scaled to [0, 1].
 
-    Definition (Preechakul et al. 2022): PYLON's prediction head outputs one map per class,
-    reduced to the logit by global max pooling; the map itself is the heatmap. Upsampling is
-    bilinear (``align_corners=False``); each map is scaled by ``(m - min) / (max - min)``,
-    a constant map becomes all zeros. Returns ``(N, H, W)`` float32 in [0, 1].
+    Definition (Preechakul et al. 2022; the official code's evaluation map): PYLON's
+    prediction head outputs one logit map per class (its global max is the logit); the
+    heatmap is ``sigmoid`` of that map, bilinearly upsampled (``align_corners=False``) to
+    the input size (``xcam_assets.train.pylon.official_eval_map``), then scaled by
+    ``(m - min) / (max - min)`` (a constant map becomes all zeros). Returns ``(N, H, W)``
+    float32 in [0, 1]; its argmax is the official one.
     """
+    from xcam_assets.train.pylon import official_eval_map
+
     if not hasattr(model, "class_maps"):
         raise ValueError(f"{type(model).__name__} has no class_maps(): 'pylon' heatmaps need "
                          "a PYLON model")
     with torch.no_grad():
-        maps = model.class_maps(x)[:, finding_index:finding_index + 1].float()
-        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = model.class_maps(x)[:, finding_index:finding_index + 1]
+        maps = official_eval_map(maps, tuple(x.shape[-2:]))[:, 0]
         flat = maps.reshape(len(maps), -1)
         lo = flat.min(dim=1).values.view(-1, 1, 1)
         span = (flat.max(dim=1).values.view(-1, 1, 1) - lo)
@@ -372,10 +375,27 @@ def heatmap_stack(
     n_findings: int,
     batch_size: int = 16,
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    only: np.ndarray | None = None,
+    peaks: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Every finding's heatmaps: ``(N, F, H, W)`` float16 in [0, 1] (the stored form)."""
+    """Every finding's heatmaps: ``(N, F, H, W)`` float16 in [0, 1] (the stored form).
+
+    ``only`` (N, F) bool computes the maps of those (image, finding) pairs alone (e.g. the
+    positives: localization and faithfulness score nothing else); the others stay 0.
+    ``peaks`` (N, F, 2) int receives each computed map's argmax (row, col) taken in float32
+    before the float16 cast, so near-equal maxima do not tie in storage (-1 elsewhere).
+    """
     maps = np.zeros((len(images_u8), n_findings, *images_u8.shape[1:]), dtype=np.float16)
+    if peaks is not None:
+        peaks[:] = -1
     for k in range(n_findings):
-        maps[:, k] = compute_heatmaps(model, layers, images_u8, method, k, batch_size=batch_size,
-                                      reshape_transform=reshape_transform)
+        rows = np.arange(len(images_u8)) if only is None else np.flatnonzero(only[:, k])
+        if len(rows) == 0:
+            continue
+        heat = compute_heatmaps(model, layers, images_u8[rows], method, k,
+                                batch_size=batch_size, reshape_transform=reshape_transform)
+        maps[rows, k] = heat
+        if peaks is not None:
+            flat = heat.reshape(len(rows), -1).argmax(axis=1)
+            peaks[rows, k, 0], peaks[rows, k, 1] = np.unravel_index(flat, heat.shape[1:])
     return maps

@@ -41,6 +41,7 @@ class ExplainConfig:
     batch_size: int
     overlay_alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
     n_overlays: int = 4
+    positives_only: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExplainConfig:
@@ -51,7 +52,8 @@ class ExplainConfig:
                    batch_size=int(cfg.get("batch_size") or settings.profile["batch_size"]),
                    overlay_alphas=tuple(float(a) for a in cfg.get("overlay_alphas",
                                                                   cls.overlay_alphas)),
-                   n_overlays=int(cfg.get("n_overlays", cls.n_overlays)))
+                   n_overlays=int(cfg.get("n_overlays", cls.n_overlays)),
+                   positives_only=bool(cfg.get("positives_only", False)))
 
 
 @dataclass
@@ -137,16 +139,23 @@ def explain_architecture(settings: Settings, arch: str,
             log(f"{spec.name}: skipped for {arch} (no class maps)")
             continue
         t0 = time.perf_counter()
+        peaks = np.zeros((*y_te.shape, 2), dtype=np.int32)
         maps = heatmap_stack(model, layers, x_te, spec, len(settings.findings),
-                             batch_size=cfg.batch_size, reshape_transform=reshape)
+                             batch_size=cfg.batch_size, reshape_transform=reshape,
+                             only=(y_te > 0) if cfg.positives_only else None, peaks=peaks)
         seconds = time.perf_counter() - t0
         path = out / f"{spec.key}.npy"
         _save_npy(path, maps)
+        _save_npy(out / f"{spec.key}_peaks.npy", peaks)
         outcome.methods[spec.name] = {
-            "status": "ok", "file": path.name, "sha256": sha256_file(path), "base": spec.base,
+            "status": "ok", "file": path.name, "sha256": sha256_file(path),
+            "peaks_file": f"{spec.key}_peaks.npy", "positives_only": cfg.positives_only,
+            "base": spec.base,
             "relu": spec.relu, "shape": list(maps.shape), "dtype": "float16",
             "seconds": round(seconds, 3),
-            "heatmaps_per_s": round(maps.shape[0] * maps.shape[1] / max(seconds, 1e-9), 2)}
+            "heatmaps_per_s": round((int((y_te > 0).sum()) if cfg.positives_only
+                                     else maps.shape[0] * maps.shape[1]) / max(seconds, 1e-9),
+                                    2)}
         pic = write_overlays(out, spec.key, settings.findings, keys, x_te, y_te, maps, cfg)
         outcome.montages[spec.name] = (pic, f"{arch} {spec.name}: positives, alpha 0 / "
                                        + " / ".join(f"{a:g}" for a in cfg.overlay_alphas))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,24 @@ def seeds_for(profile: dict[str, Any], base_seed: int) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a positive count or a list of distinct seeds, got {raw}")
     return seeds
+
+
+def pretrained_for(raw: Any, arch: str, zoo_names: Collection[str]) -> bool | None:
+    """What the profile's `pretrained` asks for `arch`, as `resolve_pretrained`'s flag.
+
+    `true` / `false` (or absent): that flag, for every architecture, as ever. A list of
+    zoo names (one study profile with pretrained models and a from-scratch contrast):
+    True for a listed `arch`; None for the others, meaning from scratch with no weight
+    file at all (neither the profile's nor the zoo entry's `pretrained_file`). A listed
+    name the zoo does not know is an error (a typo must not train from scratch)."""
+    if not isinstance(raw, list | tuple):
+        return bool(raw)
+    names = [str(a) for a in raw]
+    unknown = sorted(set(names) - set(zoo_names))
+    if unknown:
+        raise ValueError(f"pretrained lists architectures the zoo does not know: {unknown} "
+                         f"(known: {', '.join(sorted(zoo_names))})")
+    return True if arch in names else None
 
 
 def code_hash() -> str:

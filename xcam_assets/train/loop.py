@@ -16,6 +16,25 @@ Crash safety: with `resume_path`, the full training state (weights, optimizer, s
 RNG states, best weights, history, phase/epoch position) is written atomically after every
 epoch; a re-run with the same `fingerprint` continues after the last completed epoch and
 ends with the same weights as an uninterrupted run.
+
+Augmentation (`augment`, configured by the profile's `augment:` keys, `recipes.Augment`),
+in this order, every draw from the seeded CPU generator, on the normalised float batch:
+horizontal flip (p 0.5); rotation by U(-rotation_deg, +rotation_deg) degrees with
+probability `rotation_p`, corners filled from the edge or black (`rotation_padding`);
+random resized crop (`crop_scale`, `crop_ratio`: the albumentations/torchvision box rule,
+ten tries then the central crop, resized back by bilinear sampling, where the official
+code resizes by bicubic from the full-size image); brightness/contrast (albumentations'
+`RandomBrightnessContrast`, by max: v -> clip(alpha v + beta, 0, 1) in pixel units
+v in [0, 1], on floats where the official code rounds to uint8), with probability
+`brightness_contrast_p`; Gaussian noise (`noise_std`); vertical flip (p 0.5). A step
+whose key is off draws nothing, so the defaults (rotation always, no crop, no
+brightness/contrast) draw and compute exactly what the loop always did.
+
+Stopping: a plateau phase stops after `stop_after_reductions` LR reductions, or (the
+official PYLON rule) at the epoch whose plateau step brings the LR to <= `stop_at_lr`,
+or at its epoch cap. A frozen-backbone phase keeps the backbone's BatchNorm layers in
+eval mode (`frozen_bn: eval`) or lets them update their running statistics
+(`frozen_bn: train`, the official two-phase transfer).
 """
 
 from __future__ import annotations
@@ -69,22 +88,31 @@ def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_degrees: float = 10.0,
-            noise_std: float = 0.05, hflip: bool = True, vflip: bool = False) -> torch.Tensor:
-    """Random horizontal (and optionally vertical) flip, small rotation, Gaussian noise.
+            noise_std: float = 0.05, hflip: bool = True, vflip: bool = False, *,
+            rotation_p: float = 1.0, rotation_padding: str = "edge",
+            crop_scale: tuple[float, float] | None = None,
+            crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+            brightness: float = 0.0, contrast: float = 0.0,
+            brightness_contrast_p: float = 0.5) -> torch.Tensor:
+    """Random horizontal (and optionally vertical) flip, rotation, resized crop,
+    brightness/contrast, Gaussian noise (see the module docstring and `recipes.Augment`).
 
     The studies' augmentation set. Random numbers come from the CPU generator `gen` (the
-    same draws on every device), the arithmetic runs on `x`'s device."""
+    same draws on every device), the arithmetic runs on `x`'s device. A step that is off
+    draws nothing: the keyword arguments' defaults give the historical augmentation."""
     n = x.shape[0]
     if hflip:
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-    if max_degrees > 0:
+    if max_degrees > 0 and rotation_p > 0:
         angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(max_degrees)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
-                             torch.stack([sin, cos, torch.zeros(n)], 1)], 1).to(x)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
+        chosen = torch.rand(n, generator=gen) < rotation_p if rotation_p < 1 else None
+        x = _rotate(x, angle, rotation_padding, chosen)
+    if crop_scale is not None:
+        x = crop_and_resize(x, random_resized_crop_boxes(n, x.shape[-2], x.shape[-1],
+                                                         crop_scale, crop_ratio, gen))
+    if (brightness > 0 or contrast > 0) and brightness_contrast_p > 0:
+        x = _brightness_contrast(x, gen, brightness, contrast, brightness_contrast_p)
     if noise_std > 0:
         x = x + torch.randn(x.shape, generator=gen).to(x) * noise_std
     if vflip:
@@ -93,10 +121,109 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_degrees: float = 10.0,
     return x
 
 
+def _rotate(x: torch.Tensor, angle: torch.Tensor, padding: str,
+            chosen: torch.Tensor | None) -> torch.Tensor:
+    """Rotate each image by `angle` (radians) about its centre; only the `chosen` ones
+    (None: all). `padding` edge repeats the border pixels, black fills with pixel 0."""
+    n = x.shape[0]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
+                         torch.stack([sin, cos, torch.zeros(n)], 1)], 1).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if padding == "edge":
+        rotated = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
+    elif padding == "black":  # zero padding around (x - black): black beyond the image
+        black = -MEAN / STD
+        rotated = F.grid_sample(x - black, grid, align_corners=False,
+                                padding_mode="zeros") + black
+    else:
+        raise ValueError(f"unknown rotation_padding {padding!r} (edge, black)")
+    if chosen is None:
+        return rotated
+    return torch.where(chosen.view(-1, 1, 1, 1).to(x.device), rotated, x)
+
+
+def random_resized_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                              ratio: tuple[float, float], gen: torch.Generator,
+                              tries: int = 10) -> torch.Tensor:
+    """(n, 4) integer boxes (top, left, h, w) by the RandomResizedCrop rule of
+    albumentations 0.5.2 / torchvision: up to `tries` draws of area fraction U(scale) and
+    log-uniform aspect ratio w/h in `ratio`, rounded; the first that fits is placed
+    uniformly; none fits -> the central crop with the ratio clamped to `ratio`."""
+    area = height * width
+    frac = scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=gen,
+                                                          dtype=torch.float64)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=gen,
+                                                   dtype=torch.float64))
+    w = torch.round(torch.sqrt(frac * area * aspect)).long()
+    h = torch.round(torch.sqrt(frac * area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(fits.int(), dim=1)  # the first try that fits (0 when none)
+    any_fit = fits.any(dim=1)
+    w = w.gather(1, first[:, None])[:, 0]
+    h = h.gather(1, first[:, None])[:, 0]
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        cw, ch = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        cw, ch = int(round(height * max(ratio))), height
+    else:
+        cw, ch = width, height
+    w = torch.where(any_fit, w, torch.full_like(w, cw))
+    h = torch.where(any_fit, h, torch.full_like(h, ch))
+    u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    top = torch.minimum((u[:, 0] * (height - h + 1)).floor().long(), height - h)
+    left = torch.minimum((u[:, 1] * (width - w + 1)).floor().long(), width - w)
+    top = torch.where(any_fit, top, (height - h) // 2)
+    left = torch.where(any_fit, left, (width - w) // 2)
+    return torch.stack([top, left, h, w], 1)
+
+
+def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box (top, left, h, w) resized to the full image size by bilinear
+    sampling at the pixel centres, the box's edge pixels repeated beyond its edge: what
+    `F.interpolate(crop, size, mode="bilinear", align_corners=False)` of the cut-out (and
+    cv2.resize of it) computes."""
+    n, _, height, width = x.shape
+    top, left, h, w = (boxes[:, k].double() for k in range(4))
+    zero = torch.zeros(n, dtype=torch.float64)
+    theta = torch.stack([torch.stack([w / width, zero, (2 * left + w) / width - 1], 1),
+                         torch.stack([zero, h / height, (2 * top + h) / height - 1], 1)], 1)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape),
+                         align_corners=False)
+    # sample only inside the box: clamp to its first and last pixel centres
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], 1)
+    lo, hi = (b.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 2) for b in (lo, hi))
+    grid = torch.minimum(torch.maximum(grid, lo), hi)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _brightness_contrast(x: torch.Tensor, gen: torch.Generator, brightness: float,
+                         contrast: float, p: float) -> torch.Tensor:
+    """albumentations RandomBrightnessContrast(brightness, contrast, brightness_by_max=True,
+    p): per image, with probability p, v -> clip(alpha v + beta, 0, 1) on the pixel value
+    v in [0, 1], alpha = 1 + U(-contrast, contrast), beta = U(-brightness, brightness)."""
+    n = x.shape[0]
+    chosen = torch.rand(n, generator=gen) < p
+    alpha = 1 + (torch.rand(n, generator=gen) * 2 - 1) * contrast
+    beta = (torch.rand(n, generator=gen) * 2 - 1) * brightness
+    alpha = torch.where(chosen, alpha, torch.ones(n)).view(-1, 1, 1, 1).to(x)
+    beta = torch.where(chosen, beta, torch.zeros(n)).view(-1, 1, 1, 1).to(x)
+    v = (x * STD + MEAN).mul_(alpha).add_(beta).clamp_(0.0, 1.0)
+    out = (v - MEAN) / STD
+    return torch.where(chosen.view(-1, 1, 1, 1).to(x.device), out, x)
+
+
 def _augment_with(x: torch.Tensor, gen: torch.Generator, aug: Augment) -> torch.Tensor:
     if not aug.enabled:
         return x
-    return augment(x, gen, aug.rotation_deg, aug.noise_std, aug.hflip, aug.vflip)
+    return augment(x, gen, aug.rotation_deg, aug.noise_std, aug.hflip, aug.vflip,
+                   rotation_p=aug.rotation_p, rotation_padding=aug.rotation_padding,
+                   crop_scale=aug.crop_scale, crop_ratio=aug.crop_ratio,
+                   brightness=aug.brightness, contrast=aug.contrast,
+                   brightness_contrast_p=aug.brightness_contrast_p)
 
 
 @dataclass
@@ -351,7 +478,7 @@ def train_classifier(
         stop = False
         while st["epoch_in_phase"] < phase.epochs and not stop:
             model.train()
-            if phase.freeze_backbone:
+            if phase.freeze_backbone and phase.frozen_bn == "eval":
                 _freeze_norm_stats(model, heads or [])
             lr_now = optimizer.param_groups[0]["lr"]
             if sample_w is not None:
@@ -395,13 +522,20 @@ def train_classifier(
             st["epoch_in_phase"] += 1
             st["global_epoch"] += 1
             epochs_this_run += 1
+            why_stop = ""
             if phase.schedule == "plateau":
                 before = optimizer.param_groups[0]["lr"]
                 scheduler.step(val_loss)
-                if optimizer.param_groups[0]["lr"] < before:
+                after = optimizer.param_groups[0]["lr"]
+                if after < before:
                     st["reductions"] += 1
                     stop = (phase.stop_after_reductions is not None
                             and st["reductions"] >= phase.stop_after_reductions)
+                    if stop:
+                        why_stop = f"after LR reduction {phase.stop_after_reductions}"
+                if not stop and phase.stop_at_lr is not None and after <= phase.stop_at_lr:
+                    stop = True
+                    why_stop = f"as the LR fell to {after:.2e} <= stop_at_lr {phase.stop_at_lr:g}"
             row = {"epoch": st["global_epoch"], "phase": phase.name, "lr": lr_now,
                    "train_loss": total / max(seen, 1), "val_loss": val_loss,
                    "val_auc": val_auc, "images_per_s": seen / max(t_train, 1e-9),
@@ -436,8 +570,7 @@ def train_classifier(
                 f"train_loss={row['train_loss']:.4f} val_loss={val_loss:.4f} "
                 f"val_auc={val_auc:.3f} lr={lr_now:.2e} {row['images_per_s']:.1f} img/s, "
                 f"~{per_epoch * left_epochs:.0f}s left (at most)"
-                + (f"; stopping the {phase.name} phase after LR reduction "
-                   f"{phase.stop_after_reductions}" if stop else ""))
+                + (f"; stopping the {phase.name} phase {why_stop}" if stop else ""))
             if phase_over:
                 break
     for p in model.parameters():

@@ -17,7 +17,7 @@ from xcam_assets.hashing import sha256_file
 from xcam_assets.preprocess.store import split_arrays, tensors_version
 from xcam_assets.provenance import environment, git_commit, package_versions
 from xcam_assets.train.checkpoint import save_checkpoint
-from xcam_assets.train.fit import FitOutcome, fit_architecture, seeds_for
+from xcam_assets.train.fit import FitOutcome, fit_architecture, pretrained_for, seeds_for
 from xcam_assets.train.loop import rank_and_world
 from xcam_assets.train.recipes import Recipe, recipe_from_profile
 from xcam_assets.train.zoo import (
@@ -39,18 +39,42 @@ def describe_recipe(recipe: Recipe) -> str:
     parts = []
     for p in recipe.phases:
         what = "head only (backbone frozen)" if p.freeze_backbone else "all layers"
+        if p.freeze_backbone and p.frozen_bn == "train":
+            what = ("head only (backbone weights frozen, its BatchNorm in train mode: "
+                    "running statistics update)")
+        stops = []
+        if p.stop_after_reductions is not None:
+            stops.append(f"stop after reduction {p.stop_after_reductions}")
+        if p.stop_at_lr is not None:
+            stops.append(f"stop when the LR falls to <= {p.stop_at_lr:g}")
         sched = {"constant": "constant LR",
                  "plateau": (f"LR x{p.plateau_factor:g} after {p.plateau_patience} epochs without "
-                             f"val-loss improvement, stop after reduction "
-                             f"{p.stop_after_reductions}"),
+                             f"val-loss improvement, " + (" or ".join(stops) or "no early stop")),
                  "one_cycle": "one-cycle LR"}[p.schedule]
         parts.append(f"phase `{p.name}`: {what}, {p.optimizer} lr {p.lr:g} wd {p.weight_decay:g}, "
                      f"{sched}, at most {p.epochs} epochs")
     aug = recipe.augment
-    augs = (f"rotation +-{aug.rotation_deg:g} deg, hflip {aug.hflip}, vflip {aug.vflip}, "
-            f"noise sd {aug.noise_std:g}" if aug.enabled else "none")
+    if aug.enabled:
+        rot = f"rotation +-{aug.rotation_deg:g} deg"
+        if aug.rotation_deg > 0 and aug.rotation_p < 1:
+            rot += f" with p {aug.rotation_p:g}"
+        if aug.rotation_deg > 0 and aug.rotation_padding != "edge":
+            rot += f" ({aug.rotation_padding} corners)"
+        augs = [rot]
+        if aug.crop_scale is not None:
+            augs.append(f"random resized crop scale {aug.crop_scale[0]:g}-{aug.crop_scale[1]:g} "
+                        f"ratio {aug.crop_ratio[0]:.3g}-{aug.crop_ratio[1]:.3g}")
+        augs.append(f"hflip {aug.hflip}, vflip {aug.vflip}")
+        if aug.brightness > 0 or aug.contrast > 0:
+            augs.append(f"brightness +-{aug.brightness:g} / contrast +-{aug.contrast:g} "
+                        f"(albumentations RandomBrightnessContrast) with p "
+                        f"{aug.brightness_contrast_p:g}")
+        augs.append(f"noise sd {aug.noise_std:g}")
+        augs_text = ", ".join(augs)
+    else:
+        augs_text = "none"
     return (f"recipe `{recipe.name}`; " + "; ".join(parts)
-            + f". Class balance: {recipe.balance}. Augmentation: {augs}.")
+            + f". Class balance: {recipe.balance}. Augmentation: {augs_text}.")
 
 
 def model_card(arch: str, settings: Settings, outcome: FitOutcome, recipe: Recipe,
@@ -102,9 +126,10 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
     entry = zoo_entry(arch, settings.zoo)
     recipe = recipe_from_profile(prof)
     seeds = seeds_for(prof, settings.seed)
-    pretrained = resolve_pretrained(arch, settings.zoo, pretrained=bool(prof.get("pretrained", False)),
-                                    pretrained_file=prof.get("pretrained_file"),
-                                    pretrained_dir=prof.get("pretrained_dir"), root=settings.root)
+    use_pretrained = pretrained_for(prof.get("pretrained", False), arch, settings.zoo)
+    pretrained = None if use_pretrained is None else resolve_pretrained(
+        arch, settings.zoo, pretrained=use_pretrained, pretrained_file=prof.get("pretrained_file"),
+        pretrained_dir=prof.get("pretrained_dir"), root=settings.root)
     _, x_tr, y_tr, _ = split_arrays(settings, "train")
     _, x_va, y_va, _ = split_arrays(settings, "val")
     device = device or pick_device()

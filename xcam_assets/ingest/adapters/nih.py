@@ -23,6 +23,8 @@ NIH_FINDINGS: tuple[str, ...] = (
     "Hernia",
 )
 BBOX_ALIASES = {"Infiltrate": "Infiltration"}
+ABNORMAL = "Abnormal"
+"""The derived finding `read_nih(..., abnormal=True)` adds: any finding vs "No Finding"."""
 NIH_SIZE = 1024.0
 
 
@@ -43,8 +45,11 @@ def read_bbox_list(path: Path) -> pl.DataFrame:
 
 
 def read_nih(data_entry: Path, bbox_list: Path | None = None,
-             findings: tuple[str, ...] = NIH_FINDINGS) -> pl.DataFrame:
-    """Canonical rows for every image x finding of Data_Entry (boxes when given)."""
+             findings: tuple[str, ...] = NIH_FINDINGS, abnormal: bool = False) -> pl.DataFrame:
+    """Canonical rows for every image x finding of Data_Entry (boxes when given).
+
+    `abnormal=True` adds one more finding per image, `Abnormal`: present when the image has
+    any finding ("No Finding" absent), without boxes (the normal-vs-abnormal task)."""
     raw = pl.read_csv(data_entry, infer_schema=False)
     need = {"Image Index", "Finding Labels", "Patient ID"}
     if not need <= set(raw.columns):
@@ -56,6 +61,10 @@ def read_nih(data_entry: Path, bbox_list: Path | None = None,
     rows = (images.join(pl.DataFrame({"finding": list(findings)}), how="cross")
             .with_columns(pl.col("labels").list.contains(pl.col("finding")).alias("present"))
             .drop("labels"))
+    if abnormal:
+        flags = images.select("file", "patient_id", pl.lit(ABNORMAL).alias("finding"),
+                              (~pl.col("labels").list.contains("No Finding")).alias("present"))
+        rows = pl.concat([rows, flags.select(rows.columns)])
     if bbox_list is not None:
         rows = rows.join(read_bbox_list(bbox_list), on=["file", "finding"], how="left")
     return conform(rows.with_columns(pl.lit(NIH_SIZE).alias("coord_width"),

@@ -302,7 +302,8 @@ def import_nih(
     if kept:
         note(f"{len(kept)} DICOM(s) of an earlier import kept although skipped now "
              f"(e.g. {kept[:3]}); their labels are written too")
-    summary = write_batch_labels_for(read_nih(data_entry, bbox_list), out_batch_dir)
+    summary = write_batch_labels_for(read_nih(data_entry, bbox_list, abnormal=True),
+                                     out_batch_dir)
     log.info(f"NIH import into {out_batch_dir}: {len(written)} image(s), "
              f"{len(notes)} note(s); labels {summary}")
     return out_batch_dir
