@@ -35,7 +35,8 @@ def test_definitions_load_with_a_blocking_check_per_asset() -> None:
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"raw_dicoms", "dicom_inventory", "findings", "cohort_splits",
-                    "clahe_tensors", "checkpoints", "heatmap_sets", "metric_tables"}
+                    "clahe_tensors", "checkpoints", "heatmap_sets", "metric_tables",
+                    "external_cohort", "external_scores"}
     checked = {c.asset_key.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys}
     assert checked == keys
     for check_def in CHECKS:

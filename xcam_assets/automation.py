@@ -42,7 +42,8 @@ NIGHTLY_TZ = os.environ.get("XCAM_NIGHTLY_TZ", "UTC")
 AUTOMATION_INTERVAL_S = int(os.environ.get("XCAM_AUTOMATION_INTERVAL_S", "30"))
 #: what a new batch runs at once (sensor) and what re-evaluates on the nightly tick
 INGEST_ASSETS = ["raw_dicoms", "dicom_inventory", "findings", "clahe_tensors"]
-NIGHTLY_ASSETS = ["cohort_splits", "checkpoints", "heatmap_sets", "metric_tables"]
+NIGHTLY_ASSETS = ["cohort_splits", "external_cohort", "checkpoints", "heatmap_sets", "metric_tables",
+                  "external_scores"]
 
 ingest_batch_job = dg.define_asset_job(
     "ingest_batch",

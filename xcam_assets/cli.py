@@ -135,6 +135,12 @@ def cmd_import_nih(args: argparse.Namespace) -> None:
         import_nih(source, out, limit=args.limit, images=images, problems=problems)
     except (ValueError, FileExistsError) as exc:
         raise SystemExit(f"xcam: {exc}") from exc
+    if args.external:
+        from xcam_assets.ingest.batch_meta import BatchMeta, write_batch_meta
+
+        write_batch_meta(out, BatchMeta(role="external", site=args.site or ""))
+        print(f"declared {out.name} external (batch.yaml): scored by the frozen checkpoints "
+              "(external_scores), never split or trained on")
     (out / ".complete").touch()
     n = len(list(out.glob("*.dcm")))
     skipped = sum(p.startswith("skipped ") for p in problems)
@@ -159,6 +165,9 @@ def add_import_nih_parser(sub: Any) -> argparse.ArgumentParser:
                        "PNG name per line (00000061_012.png)")
     p.add_argument("--exclude-listed", action="store_true", help="import everything but the "
                    "listed patients/images (the complement batch)")
+    p.add_argument("--external", action="store_true", help="declare the batch external "
+                   "(another site): scored by the frozen models, never in the split")
+    p.add_argument("--site", help="the external batch's site, shown with its results")
     p.set_defaults(fn=cmd_import_nih)
     return p
 

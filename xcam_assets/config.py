@@ -95,6 +95,16 @@ class Settings:
         return self.data_dir / "splits" / "cohort_splits.parquet"
 
     @property
+    def external_path(self) -> Path:
+        """The external-validation cohort (images of batches declared external)."""
+        return self.data_dir / "external_cohort" / "external_cohort.parquet"
+
+    @property
+    def external_scores_dir(self) -> Path:
+        """The frozen checkpoints' predictions and metric rows on the external cohort."""
+        return self.data_dir / "external_scores"
+
+    @property
     def tensors_dir(self) -> Path:
         return self.data_dir / "tensors"
 

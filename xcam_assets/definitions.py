@@ -13,12 +13,19 @@ from xcam_assets.automation import (
     nightly_condition,
     nightly_reevaluation,
 )
-from xcam_assets.evaluate.assets import metric_tables
-from xcam_assets.evaluate.checks import metrics_in_range
+from xcam_assets.evaluate.assets import external_scores, metric_tables
+from xcam_assets.evaluate.checks import external_metrics_in_range, metrics_in_range
 from xcam_assets.explain.assets import heatmap_sets
 from xcam_assets.explain.checks import heatmaps_are_valid
-from xcam_assets.ingest.assets import cohort_splits, dicom_inventory, findings, raw_dicoms
+from xcam_assets.ingest.assets import (
+    cohort_splits,
+    dicom_inventory,
+    external_cohort,
+    findings,
+    raw_dicoms,
+)
 from xcam_assets.ingest.checks import (
+    external_is_unseen,
     inventory_is_usable,
     labels_match_images,
     raw_copy_is_faithful,
@@ -32,9 +39,10 @@ from xcam_assets.train.checks import model_is_sound
 
 #: the lineage, left to right
 ASSETS = [raw_dicoms, dicom_inventory, findings, cohort_splits, clahe_tensors, checkpoints,
-          heatmap_sets, metric_tables]
+          heatmap_sets, metric_tables, external_cohort, external_scores]
 CHECKS = [raw_copy_is_faithful, inventory_is_usable, labels_match_images, splits_do_not_leak,
-          tensors_are_sound, model_is_sound, heatmaps_are_valid, metrics_in_range]
+          tensors_are_sound, model_is_sound, heatmaps_are_valid, metrics_in_range,
+          external_is_unseen, external_metrics_in_range]
 
 
 

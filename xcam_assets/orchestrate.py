@@ -37,10 +37,10 @@ from xcam_assets.provenance.launcher import run_worker, worker_alive
 STAGES: dict[str, list[str]] = {
     "ingest": ["raw_dicoms", "dicom_inventory", "findings"],
     "preprocess": ["clahe_tensors"],
-    "splits": ["cohort_splits"],
+    "splits": ["cohort_splits", "external_cohort"],
     "train": ["checkpoints"],
     "explain": ["heatmap_sets"],
-    "evaluate": ["metric_tables"],
+    "evaluate": ["metric_tables", "external_scores"],
 }
 ORDER = ["ingest", "preprocess", "splits", "train", "explain", "evaluate"]
 

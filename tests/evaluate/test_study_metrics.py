@@ -128,3 +128,27 @@ def test_view_rows_pass_the_metric_table_suite() -> None:
     assert validate_frame(to_frame(rows), suite).success
     bad = to_frame(rows).with_columns(pl.lit(1.5).alias("value"))
     assert not validate_frame(bad, suite).success
+
+
+def test_localization_summary_is_pylons_table() -> None:
+    from xcam_assets.evaluate.tables import BOX_WEIGHTED, MACRO, localization_summary, to_frame
+
+    rows = [
+        {"architecture": "pylon", "cam_method": "pylon", "finding": f, "metric": m,
+         "value": v, "ci_low": lo, "ci_high": hi, "n": n}
+        for f, m, v, lo, hi, n in [
+            ("Mass", "point_localization_accuracy", 0.5, 0.2, 0.8, 4),
+            ("Nodule", "point_localization_accuracy", 0.25, 0.0, 0.6, 4),
+            (MACRO, "point_localization_accuracy", 0.375, 0.1, 0.6, 8),
+            (BOX_WEIGHTED, "point_localization_accuracy", 0.375, 0.1, 0.6, 8),
+            ("Mass", "pointing_game", 0.9, 0.8, 1.0, 4)]]
+    table = localization_summary(to_frame(rows))
+    assert table.columns == ["architecture", "cam_method", "Mass", "Nodule", MACRO,
+                             BOX_WEIGHTED]
+    ours = table.row(0, named=True)
+    assert ours["Mass"] == "0.5 [0.2, 0.8] n=4" and ours[MACRO] == "0.38 [0.1, 0.6] n=8"
+    paper = {r["cam_method"]: r for r in table.iter_rows(named=True)
+             if r["architecture"] == "PYLON paper (NIH)"}
+    assert paper["PYLON"][MACRO] == "0.60" and paper["Grad-CAM"][MACRO] == "0.44"
+    assert paper["PYLON"]["Mass"] == "-"  # the paper's per-finding rows are not quoted
+    assert localization_summary(to_frame(rows), reference=False).height == 1

@@ -19,6 +19,7 @@ from xcam_assets.evaluate.tables import (
     diagnostic_table,
     evaluate_config,
     gt_boxes,
+    localization_summary,
     localization_table,
     mean_rows,
     parse_boxes,
@@ -52,6 +53,7 @@ class EvaluateOutcome:
     path: Path
     plots: dict[str, bytes]
     timings: dict[str, float]
+    localization: pl.DataFrame
 
 
 def _test_boxes(settings: Settings, keys: list[str]) -> list[dict]:
@@ -146,6 +148,9 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     atomic_write_parquet(path, long)
     wide = wide_table(long)
     atomic_write_bytes(settings.metrics_dir / "comparison.csv", wide.write_csv().encode())
+    plc = localization_summary(long)
+    if plc.height:
+        atomic_write_bytes(settings.metrics_dir / "localization.csv", plc.write_csv().encode())
 
     plots: dict[str, bytes] = {}
     for finding in settings.findings:
@@ -158,4 +163,5 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     for name, png in plots.items():
         atomic_write_bytes(settings.metrics_dir / "plots" / f"{name}.png", png)
     log("\n" + str(wide))
-    return EvaluateOutcome(long=long, wide=wide, path=path, plots=plots, timings=timings)
+    return EvaluateOutcome(long=long, wide=wide, path=path, plots=plots, timings=timings,
+                           localization=plc)

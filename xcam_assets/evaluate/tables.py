@@ -36,7 +36,9 @@ from xcam_assets.stats import bootstrap_ci, bootstrap_mean_ci, roc_auc
 
 SCHEMA = {"architecture": pl.String, "cam_method": pl.String, "finding": pl.String,
           "metric": pl.String, "value": pl.Float64, "ci_low": pl.Float64,
-          "ci_high": pl.Float64, "n": pl.Int64}
+          "ci_high": pl.Float64, "n": pl.Int64, "split": pl.String}
+"""`split`: the images a row is computed on: `test` (the patient-level test split) or
+`external` (batches declared external, scored by the frozen checkpoints)."""
 
 MACRO = "macro_average"
 BOX_WEIGHTED = "box_weighted_average"
@@ -151,8 +153,9 @@ def mean_rows(arch: str, method: str | None, finding: str, per_image: Mapping[st
     return rows
 
 
-def diagnostic_table(arch: str, predictions: pl.DataFrame, n_boot: int, seed: int) -> list[dict]:
-    """Threshold chosen on val (max geometric mean of sens/spec), metrics on test; per
+def diagnostic_table(arch: str, predictions: pl.DataFrame, n_boot: int, seed: int,
+                     split: str = "test") -> list[dict]:
+    """Threshold chosen on val (max geometric mean of sens/spec), metrics on `split`; per
     finding, plus ``macro_average`` rows when the model has several findings (per-class
     report of a multi-label model)."""
     rows = []
@@ -161,7 +164,7 @@ def diagnostic_table(arch: str, predictions: pl.DataFrame, n_boot: int, seed: in
     for finding in findings:
         p = predictions.filter(pl.col("finding") == finding)
         val = p.filter(pl.col("split") == "val")
-        test = p.filter(pl.col("split") == "test").sort("image_key")
+        test = p.filter(pl.col("split") == split).sort("image_key")
         threshold = gmean_threshold(val["label"].to_numpy(), val["probability"].to_numpy())
         for r in diagnostic_rows(test["label"].to_numpy(), test["probability"].to_numpy(),
                                  threshold, n_boot=n_boot, seed=seed):
@@ -178,11 +181,11 @@ def diagnostic_table(arch: str, predictions: pl.DataFrame, n_boot: int, seed: in
 
 
 def view_auc_rows(arch: str, predictions: pl.DataFrame, views: Mapping[str, str | None],
-                  finding: str, n_boot: int, seed: int) -> list[dict]:
+                  finding: str, n_boot: int, seed: int, split: str = "test") -> list[dict]:
     """Test AUC of `finding` within each acquisition view (`auc_view_PA`, `auc_view_AP`, ...)
     with bootstrap CIs: a model that learnt the view instead of the disease scores well
     overall and near 0.5 within a view. Views with one class only give no row."""
-    test = predictions.filter((pl.col("split") == "test") & (pl.col("finding") == finding))
+    test = predictions.filter((pl.col("split") == split) & (pl.col("finding") == finding))
     test = test.with_columns(pl.col("image_key").replace_strict(
         dict(views), default=None, return_dtype=pl.String).alias("view"))
     rows = []
@@ -351,9 +354,11 @@ def _plc_summary(hits: np.ndarray, nbox: np.ndarray) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- frames
-def to_frame(rows: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema=SCHEMA).sort(
-        "architecture", "cam_method", "finding", "metric", nulls_last=False)
+def to_frame(rows: list[dict], split: str = "test") -> pl.DataFrame:
+    """The long table of `rows`; rows without a `split` get `split`."""
+    return (pl.DataFrame(rows, schema=SCHEMA)
+            .with_columns(pl.col("split").fill_null(split))
+            .sort("architecture", "cam_method", "finding", "metric", nulls_last=False))
 
 
 def wide_table(long: pl.DataFrame) -> pl.DataFrame:
@@ -395,3 +400,41 @@ def _metric_order(names: list[str]) -> list[str]:
         return rank.get(base, len(rank)), name
 
     return sorted(names, key=key)
+
+
+#: PYLON's NIH ChestX-ray14 point localization accuracy (Preechakul et al. 2022, as quoted
+#: in MISSION.md): macro average and the pneumothorax row, per heatmap method. Trained on
+#: NIH's 112k images at 256 px on a GPU; shown beside this platform's figures for scale.
+PAPER_NIH_PLC: dict[str, dict[str, float]] = {
+    "CAM (baseline)": {MACRO: 0.44, "Pneumothorax": 0.16},
+    "Grad-CAM": {MACRO: 0.44, "Pneumothorax": 0.16},
+    "Grad-CAM++": {MACRO: 0.29, "Pneumothorax": 0.11},
+    "XGrad-CAM": {MACRO: 0.22, "Pneumothorax": 0.12},
+    "PYLON": {MACRO: 0.60, "Pneumothorax": 0.20},
+}
+
+
+def localization_summary(long: pl.DataFrame, reference: bool = True) -> pl.DataFrame:
+    """PYLON's localization table: one row per (architecture, CAM method), one column per
+    boxed finding plus the macro and box-weighted averages, cells ``v [lo, hi] n=N``
+    (point localization accuracy); with `reference`, the paper's NIH rows below
+    (architecture ``PYLON paper (NIH)``), where it reported a figure."""
+    plc = long.filter(pl.col("metric") == "point_localization_accuracy").with_columns(
+        pl.when(pl.col("ci_low").is_not_null() & pl.col("ci_low").is_not_nan())
+        .then(pl.format("{} [{}, {}] n={}", pl.col("value").round(2), pl.col("ci_low").round(2),
+                        pl.col("ci_high").round(2), pl.col("n")))
+        .otherwise(pl.format("{} n={}", pl.col("value").round(2), pl.col("n"))).alias("cell"))
+    if plc.is_empty():
+        return pl.DataFrame(schema={"architecture": pl.String, "cam_method": pl.String})
+    table = plc.pivot(on="finding", index=["architecture", "cam_method"], values="cell")
+    findings = sorted(c for c in table.columns
+                      if c not in ("architecture", "cam_method", MACRO, BOX_WEIGHTED))
+    cols = ["architecture", "cam_method", *findings,
+            *[c for c in (MACRO, BOX_WEIGHTED) if c in table.columns]]
+    table = table.select(cols).sort("architecture", "cam_method")
+    if reference:
+        ref = pl.DataFrame([{"architecture": "PYLON paper (NIH)", "cam_method": method,
+                             **{f: f"{v:.2f}" for f, v in vals.items() if f in cols}}
+                            for method, vals in PAPER_NIH_PLC.items()])
+        table = pl.concat([table, ref], how="diagonal_relaxed")
+    return table.fill_null("-")

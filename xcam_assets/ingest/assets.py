@@ -5,7 +5,13 @@ import polars as pl
 
 from xcam_assets.hashing import dvc_data_version
 from xcam_assets.ingest.cohorts import split_summary
-from xcam_assets.ingest.stage import batch_findings, copy_batch, inventory_batch, split_cohort
+from xcam_assets.ingest.stage import (
+    batch_findings,
+    copy_batch,
+    inventory_batch,
+    split_cohort,
+)
+from xcam_assets.ingest.stage import external_cohort as external_cohort_frame
 from xcam_assets.project import XcamProject, batch_partitions
 
 GROUP = "ingest"
@@ -145,4 +151,30 @@ def cohort_splits(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Ma
                   "balanced": bool(sp.get("balanced")),
                   "path": dg.MetadataValue.path(str(s.splits_path))},
         data_version=dg.DataVersion(dvc_data_version(s.splits_path.parent)),
+    )
+
+
+@dg.asset(group_name=GROUP, code_version="1",
+          deps=[cohort_splits, dg.AssetDep(findings, partition_mapping=dg.AllPartitionMapping())],
+          kinds={"polars"})
+def external_cohort(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.MaterializeResult:
+    """The images of batches declared external (`batch.yaml`: `role: external`): data of a
+    site the models never saw. They never enter `cohort_splits`; the frozen checkpoints
+    score them on their own (`external_scores`)."""
+    s = xcam.settings()
+    frame = external_cohort_frame(s)
+    if frame.height:
+        context.log.info(f"external cohort: {frame.height} image(s) of "
+                         f"{frame['patient_key'].n_unique()} patient(s) in "
+                         f"{frame['batch'].unique().sort().to_list()}")
+    return dg.MaterializeResult(
+        metadata={"n_images": frame.height,
+                  "n_patients": frame["patient_key"].n_unique() if frame.height else 0,
+                  "batches": frame["batch"].unique().sort().to_list(),
+                  "sites": sorted(set(frame["site"].to_list())),
+                  "positives": dg.MetadataValue.json(
+                      {c[2:]: int(frame[c].sum()) for c in frame.columns
+                       if c.startswith("y_")}),
+                  "path": dg.MetadataValue.path(str(s.external_path))},
+        data_version=dg.DataVersion(dvc_data_version(s.external_path.parent)),
     )

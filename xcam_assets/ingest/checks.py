@@ -5,7 +5,13 @@ import polars as pl
 
 from xcam_assets.expectations import ge_result, suite, validate_frame
 from xcam_assets.hashing import sha256_file
-from xcam_assets.ingest.assets import cohort_splits, dicom_inventory, findings, raw_dicoms
+from xcam_assets.ingest.assets import (
+    cohort_splits,
+    dicom_inventory,
+    external_cohort,
+    findings,
+    raw_dicoms,
+)
 from xcam_assets.ingest.cohorts import leaking_patients, split_problems, split_summary
 from xcam_assets.ingest.stage import image_labels
 from xcam_assets.project import XcamProject, batch_partitions
@@ -154,3 +160,18 @@ def splits_do_not_leak(xcam: XcamProject) -> dg.AssetCheckResult:
                      splits=dg.MetadataValue.json(
                          {r["split"]: r["images"] for r in
                           split_summary(frame, ycols).iter_rows(named=True)}))
+
+
+@dg.asset_check(asset=external_cohort, blocking=True)
+def external_is_unseen(xcam: XcamProject) -> dg.AssetCheckResult:
+    """No patient of the external cohort is in the train/val/test split (else its figures
+    would not be external)."""
+    s = xcam.settings()
+    ext = pl.read_parquet(s.external_path)
+    internal = set(pl.read_parquet(s.splits_path)["patient_key"].to_list())
+    shared = sorted(set(ext["patient_key"].to_list()) & internal)
+    return dg.AssetCheckResult(
+        passed=not shared,
+        description=(f"{len(shared)} external patient(s) are also in cohort_splits"
+                     if shared else f"{ext.height} external image(s), none of a split patient"),
+        metadata={"n_images": ext.height, "patients_in_both": len(shared)})

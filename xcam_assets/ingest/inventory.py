@@ -53,7 +53,7 @@ from xcam_assets.ingest.dicom import (
     withhold_values,
 )
 
-NON_IMAGE_NAMES = {"labels.csv", "demo_cohort.json", "README.md", ".complete"}
+NON_IMAGE_NAMES = {"labels.csv", "demo_cohort.json", "README.md", ".complete", "batch.yaml"}
 
 INVENTORY_SCHEMA = {
     "batch": pl.String, "file": pl.String, "image_key": pl.String, "patient_key": pl.String,

@@ -15,6 +15,7 @@ import polars as pl
 from xcam_assets.atomic import atomic_path, atomic_write_parquet, exclusive_lock
 from xcam_assets.config import Settings
 from xcam_assets.hashing import sha256_file
+from xcam_assets.ingest.batch_meta import external_batches, read_batch_meta
 from xcam_assets.ingest.cohorts import balanced_subset, patient_split
 from xcam_assets.ingest.deid import pseudonym_key
 from xcam_assets.ingest.inventory import IngestPolicy, KnownImages, inventory_rows
@@ -165,7 +166,7 @@ def batch_findings(settings: Settings, batch: str) -> tuple[pl.DataFrame, pl.Dat
     return frame, bad
 
 
-def union_inventory(settings) -> pl.DataFrame:
+def union_inventory(settings: Settings) -> pl.DataFrame:
     """The inventory of every batch (one parquet per batch partition), concatenated."""
     inv_paths = sorted(settings.inventory_dir.glob("*.parquet"))
     if not inv_paths:
@@ -173,7 +174,7 @@ def union_inventory(settings) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(p) for p in inv_paths], how="diagonal_relaxed")
 
 
-def image_labels(settings) -> tuple[pl.DataFrame, dict[str, list[str]]]:
+def image_labels(settings: Settings) -> tuple[pl.DataFrame, dict[str, list[str]]]:
     """Every ingested image with a 0/1 label per configured finding (union of batches),
     and per finding the image keys that have **no** label row for it: an
     absent label is unknown, not negative. `labelled`: a label row for any finding."""
@@ -200,6 +201,10 @@ def split_cohort(settings: Settings, log: Callable[[str], None] = print
     """The patient-level split of every labelled, ingested image (written to the splits
     parquet), the images without a label per finding, and how many had no label row."""
     frame, missing = image_labels(settings)
+    external = external_batches(settings.raw_dir, frame["batch"].unique().sort().to_list())
+    if external:  # data of another site: scored by the frozen models, never split
+        log(f"external batch(es) {external} left out of the split (external_cohort)")
+        frame = frame.filter(~pl.col("batch").is_in(external))
     unlabelled = frame.filter(~pl.col("labelled")).height
     in_split = set(frame.filter(pl.col("labelled"))["image_key"].to_list())
     missing = {f: [k for k in keys if k in in_split] for f, keys in missing.items()}
@@ -214,3 +219,20 @@ def split_cohort(settings: Settings, log: Callable[[str], None] = print
     split = split.drop("file").sort("image_key")
     atomic_write_parquet(settings.splits_path, split)
     return split, missing, unlabelled
+
+
+def external_cohort(settings: Settings) -> pl.DataFrame:
+    """The labelled images of the batches declared external (`batch.yaml`, role external),
+    with their site, written to `external/external_cohort.parquet`: what the frozen
+    checkpoints score on their own (`external_scores`)."""
+    frame, _ = image_labels(settings)
+    batches = frame["batch"].unique().sort().to_list()
+    external = external_batches(settings.raw_dir, batches)
+    sites = {b: read_batch_meta(settings.raw_dir / b).site for b in external}
+    out = (frame.filter(pl.col("batch").is_in(external) & pl.col("labelled"))
+           .drop("labelled", "file")
+           .with_columns(pl.col("batch").replace_strict(sites, default="",
+                                                        return_dtype=pl.String).alias("site"))
+           .sort("image_key"))
+    atomic_write_parquet(settings.external_path, out)
+    return out

@@ -90,7 +90,17 @@ def split_arrays(settings: Settings, split: str) -> tuple[list[str], np.ndarray,
     return keys, ts.images, y, ts.regions
 
 
-def tensors_version(settings: Settings) -> str:
-    """A digest of every batch's tensor manifest: the training data's version."""
-    return combine_hashes((p.parent.name, sha256_file(p))
-                          for p in settings.tensors_dir.glob("*/manifest.parquet"))
+def tensors_version(settings: Settings, keys: list[str] | None = None) -> str:
+    """The tensors' version: with `keys`, a digest of those images' manifest rows (source
+    and labels sha256, preprocessing parameters), so a batch that adds other images (an
+    external site) leaves the training data's version as it was; without, a digest of
+    every batch's manifest."""
+    if keys is None:
+        return combine_hashes((p.parent.name, sha256_file(p))
+                              for p in settings.tensors_dir.glob("*/manifest.parquet"))
+    rows = (read_manifests(settings.tensors_dir)
+            .filter(pl.col("image_key").is_in(list(keys)))
+            .select("image_key", "source_sha256", "labels_sha256", "params_hash"))
+    if rows.height != len(set(keys)):
+        raise KeyError(f"{len(set(keys)) - rows.height} image(s) have no tensors")
+    return combine_hashes((k, f"{s}:{lab}:{prm}") for k, s, lab, prm in rows.iter_rows())

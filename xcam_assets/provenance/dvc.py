@@ -44,6 +44,8 @@ ASSET_OUTS: dict[str, tuple[str, str, str]] = {
     "checkpoints": ("train", "checkpoints", "dir"),
     "heatmap_sets": ("explain", "heatmaps", "dir"),
     "metric_tables": ("evaluate", "metrics", "whole"),
+    "external_cohort": ("splits", "external_cohort", "whole"),
+    "external_scores": ("evaluate", "external_scores", "whole"),
 }
 LOCK_HELD_ENV = "XCAM_DVC_LOCK_HELD"
 

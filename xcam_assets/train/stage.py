@@ -3,12 +3,14 @@ its checkpoint (weights, JSON sidecar with provenance, markdown model card).
 
 The `checkpoints` asset calls `train_and_save` in its own process; every rank of a DDP
 launch (`xcam_assets.train.distributed`) calls the same function, so a rank never imports
-Dagster or the asset module.
+Dagster or the asset module. A checkpoint trained from the same data, recipe, seeds and
+code is kept as it is (`checkpoint_is_current`): re-materializing it changes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -16,8 +18,15 @@ from xcam_assets.config import Settings
 from xcam_assets.hashing import sha256_file
 from xcam_assets.preprocess.store import split_arrays, tensors_version
 from xcam_assets.provenance import environment, git_commit, package_versions
-from xcam_assets.train.checkpoint import save_checkpoint
-from xcam_assets.train.fit import FitOutcome, fit_architecture, pretrained_for, seeds_for
+from xcam_assets.train.checkpoint import read_sidecar, save_checkpoint
+from xcam_assets.train.fit import (
+    FitOutcome,
+    code_hash,
+    fingerprint,
+    fit_architecture,
+    pretrained_for,
+    seeds_for,
+)
 from xcam_assets.train.loop import rank_and_world
 from xcam_assets.train.recipes import Recipe, recipe_from_profile
 from xcam_assets.train.zoo import (
@@ -130,11 +139,11 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
     pretrained = None if use_pretrained is None else resolve_pretrained(
         arch, settings.zoo, pretrained=use_pretrained, pretrained_file=prof.get("pretrained_file"),
         pretrained_dir=prof.get("pretrained_dir"), root=settings.root)
-    _, x_tr, y_tr, _ = split_arrays(settings, "train")
-    _, x_va, y_va, _ = split_arrays(settings, "val")
+    k_tr, x_tr, y_tr, _ = split_arrays(settings, "train")
+    k_va, x_va, y_va, _ = split_arrays(settings, "val")
     device = device or pick_device()
     rank, world = rank_and_world()
-    data_versions = {"clahe_tensors": tensors_version(settings),
+    data_versions = {"clahe_tensors": tensors_version(settings, k_tr + k_va),
                      "cohort_splits": sha256_file(settings.splits_path)}
     base_fp = {"architecture": arch, "zoo_entry": dict(entry.raw), "recipe": recipe.to_dict(),
                "batch_size": int(prof["batch_size"]), "image_size": settings.image_size,
@@ -144,6 +153,11 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
         + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
         f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
     out = settings.checkpoints_dir / arch
+    training_fp = fingerprint({**base_fp, "seeds": seeds, "code": code_hash(),
+                               "processes": world})
+    if checkpoint_is_current(out, training_fp):
+        log(f"{arch}: checkpoint up to date (same data, recipe, seeds and code): kept as is")
+        return
     outcome = fit_architecture(
         arch, settings.zoo, len(settings.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
         batch_size=int(prof["batch_size"]), seeds=seeds, image_size=settings.image_size, out_dir=out,
@@ -171,9 +185,24 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
         "best_epoch": run.best_epoch, "history": run.history, "val_auc": run.val_auc,
         "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
         "weights_sha256": run.weights_sha256, "data_versions": data_versions,
+        "training_fingerprint": training_fp,
         "git_commit": git_commit(settings.root), "packages": package_versions(),
         "environment": environment(), "device": str(device), "processes": world,
     }
     card = model_card(arch, settings, outcome, recipe, str(pretrained) if pretrained else None,
                       {"train": len(x_tr), "val": len(x_va)})
     save_checkpoint(out, outcome.model, sidecar, card)
+
+
+def checkpoint_is_current(out: Path, training_fp: str) -> bool:
+    """Whether `out` holds a complete checkpoint trained from exactly these inputs (data,
+    recipe, seeds, code: `training_fp`): re-materializing it then keeps it as it is, so
+    its data version does not move when nothing it depends on changed."""
+    if not (out / "model.json").is_file():
+        return False
+    try:
+        side = read_sidecar(out)
+    except (OSError, ValueError):
+        return False
+    return side.get("training_fingerprint") == training_fp and any(
+        out.glob("*.safetensors"))
