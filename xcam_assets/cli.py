@@ -52,6 +52,13 @@ def cmd_materialize(args: argparse.Namespace) -> None:
                 materialize_stage(stage)
     except StageFailed as exc:
         raise SystemExit(f"xcam: {exc}") from exc
+    s = load_settings()
+    for name, path in (("metric table", s.metrics_dir / "metric_table.parquet"),
+                       ("comparison", s.metrics_dir / "comparison.csv"),
+                       ("localization (PYLON's table)", s.metrics_dir / "localization.csv"),
+                       ("external validation", s.external_scores_dir / "metric_table.parquet")):
+        if path.exists():
+            print(f"xcam: {name}: {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

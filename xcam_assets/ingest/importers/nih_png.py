@@ -59,7 +59,7 @@ from xcam_assets.atomic import atomic_path
 from xcam_assets.hashing import sha256_bytes
 from xcam_assets.ingest.adapters.batch import write_batch_labels_for
 from xcam_assets.ingest.adapters.nih import read_nih
-from xcam_assets.ingest.importers.png import is_within, secondary_capture
+from xcam_assets.ingest.importers.png import is_within, refuse_stale_batch, secondary_capture
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,7 @@ def import_nih(
     if limit is not None:
         pngs = pngs[:max(limit, 0)]
     planned = {f"{p.stem}.dcm" for p in pngs}
-    if out_batch_dir.exists():
-        stale = sorted(p.name for p in out_batch_dir.glob("*.dcm") if p.name not in planned)
-        if stale:
-            raise FileExistsError(f"{out_batch_dir} already holds {len(stale)} DICOM(s) this "
-                                  f"import would not write (e.g. {stale[:3]}); use a new batch")
+    refuse_stale_batch(out_batch_dir, planned)
 
     written: list[str] = []
     first_of: dict[str, str] = {}  # sha256 -> first image with those bytes

@@ -115,3 +115,13 @@ def is_within(child: Path, parent: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def refuse_stale_batch(out_batch_dir: Path, planned: set[str]) -> None:
+    """Raise FileExistsError when `out_batch_dir` holds DICOMs this import would not write
+    (a stale, larger import): re-importing the same source is fine, mixing two is not."""
+    if out_batch_dir.exists():
+        stale = sorted(p.name for p in out_batch_dir.glob("*.dcm") if p.name not in planned)
+        if stale:
+            raise FileExistsError(f"{out_batch_dir} already holds {len(stale)} DICOM(s) this "
+                                  f"import would not write (e.g. {stale[:3]}); use a new batch")

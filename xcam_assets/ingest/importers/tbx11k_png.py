@@ -41,7 +41,12 @@ from typing import Any, Literal
 from PIL import Image
 
 from xcam_assets.atomic import atomic_path
-from xcam_assets.ingest.importers.png import is_within, read_gray_png, secondary_capture
+from xcam_assets.ingest.importers.png import (
+    is_within,
+    read_gray_png,
+    refuse_stale_batch,
+    secondary_capture,
+)
 from xcam_assets.ingest.labels import write_batch_labels
 
 log = logging.getLogger(__name__)
@@ -149,11 +154,7 @@ def import_tbx11k(
     if limit is not None:
         pngs = pngs[:max(limit, 0)]
     planned = {f"{p.stem}.dcm" for p in pngs}
-    if out_batch_dir.exists():
-        stale = sorted(p.name for p in out_batch_dir.glob("*.dcm") if p.name not in planned)
-        if stale:
-            raise FileExistsError(f"{out_batch_dir} already holds {len(stale)} DICOM(s) this "
-                                  f"import would not write (e.g. {stale[:3]}); use a new batch")
+    refuse_stale_batch(out_batch_dir, planned)
 
     rows: list[dict[str, Any]] = []
     for png in pngs:
