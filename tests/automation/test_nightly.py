@@ -84,8 +84,12 @@ def test_nightly_reevaluates_only_what_is_downstream_of_a_new_batch(full_run: Pa
         for asset, partitions in requested.items():
             for partition in partitions:
                 _run([asset], instance, resource, partition, log=print)
-    assert order == [{"cohort_splits": [None]}, {"checkpoints": ["resnet18"]},
-                     {"heatmap_sets": ["resnet18"]}, {"metric_tables": [None]}], order
+    # the external-validation assets (external_cohort after the split, external_scores
+    # after the heatmap sets) follow the same chain, each in its dependency wave
+    assert order == [{"cohort_splits": [None]},
+                     {"checkpoints": ["resnet18"], "external_cohort": [None]},
+                     {"heatmap_sets": ["resnet18"]},
+                     {"metric_tables": [None], "external_scores": [None]}], order
 
     # the event log since the change: the new batch's partitions and the downstream chain
     changed = set()

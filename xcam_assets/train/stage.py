@@ -149,15 +149,15 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
                "batch_size": int(prof["batch_size"]), "image_size": settings.image_size,
                "findings": settings.findings, "data_versions": data_versions,
                "pretrained": sha256_file(pretrained) if pretrained else None}
-    log(f"training {arch} on {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
-        + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
-        f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
     out = settings.checkpoints_dir / arch
     training_fp = fingerprint({**base_fp, "seeds": seeds, "code": code_hash(),
                                "processes": world})
     if checkpoint_is_current(out, training_fp):
         log(f"{arch}: checkpoint up to date (same data, recipe, seeds and code): kept as is")
         return
+    log(f"training {arch} on {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
+        + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
+        f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
     outcome = fit_architecture(
         arch, settings.zoo, len(settings.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
         batch_size=int(prof["batch_size"]), seeds=seeds, image_size=settings.image_size, out_dir=out,
