@@ -66,6 +66,16 @@ class Settings:
         return int(self.profile["image_size"])
 
     @property
+    def precision(self) -> str:
+        """The profile's ``precision`` (auto | fp32 | bf16; default auto): see
+        :mod:`xcam_assets.train.precision`."""
+        value = str(self.profile.get("precision", "auto"))
+        if value not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"profile {self.profile_name}: precision must be auto, fp32 or "
+                             f"bf16, not {value!r}")
+        return value
+
+    @property
     def architectures(self) -> list[str]:
         return list(self.profile["architectures"])
 

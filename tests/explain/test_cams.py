@@ -243,3 +243,18 @@ def test_real_pylon_class_maps_and_gradcam_on_its_decoder() -> None:
     grad = compute_heatmaps(model, [model.decoder], x, "gradcam", 1)
     np.testing.assert_allclose(grad, np.clip(np.nan_to_num(
         _bare(model, [model.decoder], x, pgc.GradCAM, category=1)), 0, 1), atol=1e-6)
+
+
+def test_thin_svd_projection_equals_the_library_one() -> None:
+    """EigenCAM's projection with a thin SVD: the library's values on a PYLON-decoder-like
+    activation (128 channels, 24 x 24) and on a ResNet-like one (512 channels, 7 x 7)."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from xcam_assets.explain.cams import thin_2d_projection
+
+    rng = np.random.default_rng(3)
+    for shape in ((2, 128, 24, 24), (2, 512, 7, 7)):
+        act = rng.normal(size=shape).astype(np.float32)
+        act[0, :, :3] += 4.0  # one dominant direction
+        np.testing.assert_allclose(thin_2d_projection(act), get_2d_projection(act),
+                                   rtol=1e-4, atol=1e-4)

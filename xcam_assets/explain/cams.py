@@ -61,6 +61,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from xcam_assets.train.loop import to_input
+from xcam_assets.train.precision import LEGACY_CPU, Precision
 
 __all__ = [
     "METHODS",
@@ -74,6 +75,34 @@ __all__ = [
     "vit_reshape_transform",
 ]
 
+def thin_2d_projection(activation_batch: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's ``get_2d_projection`` (EigenCAM: centred activations projected
+    on their first right singular vector) with a thin SVD.
+
+    The library calls ``np.linalg.svd(A, full_matrices=True)`` on the ``(h*w, C)`` matrix,
+    which also builds the ``(h*w, h*w)`` matrix U it never uses: for PYLON's 56x56 decoder
+    output that is a 3136 x 3136 matrix per image (minutes per heatmap set on a CPU). The
+    first right singular vector is the same with ``full_matrices=False`` (tested against
+    the library's function), so the map is too.
+    """
+    batch = np.nan_to_num(np.asarray(activation_batch, dtype=np.float32), nan=0.0)
+    out = []
+    for act in batch:
+        flat = act.reshape(act.shape[0], -1).T
+        flat = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
+        out.append((flat @ vt[0, :]).reshape(act.shape[1:]))
+    return np.float32(out)
+
+
+class ThinEigenCAM(pgc.EigenCAM):
+    """EigenCAM through :func:`thin_2d_projection` (same maps, no unused U matrix)."""
+
+    def get_cam_image(self, input_tensor, target_layer, target_category,  # noqa: ANN001
+                      activations, grads, eigen_smooth):  # noqa: ANN001
+        return thin_2d_projection(activations)
+
+
 METHODS: dict[str, type] = {
     "gradcam": pgc.GradCAM,
     "gradcam++": pgc.GradCAMPlusPlus,
@@ -81,7 +110,7 @@ METHODS: dict[str, type] = {
     "xgradcam": pgc.XGradCAM,
     "hirescam": pgc.HiResCAM,
     "layercam": pgc.LayerCAM,
-    "eigencam": pgc.EigenCAM,
+    "eigencam": ThinEigenCAM,
     "eigengradcam": pgc.EigenGradCAM,
     "scorecam": pgc.ScoreCAM,
     "ablationcam": pgc.AblationCAM,
@@ -248,17 +277,19 @@ def _no_relu(cls: type) -> type:
 # --------------------------------------------------------------------------- speed / quiet
 @contextmanager
 def _backward_stops_at(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
-    """Freeze parameters; make each target layer's output a fresh graph leaf (under grad).
+    """Freeze parameters; make each target layer's output a fresh float32 graph leaf.
 
     The hook is prepended, so pytorch-grad-cam's own hooks (registered later) see a tensor
     that requires grad and record its gradient; nothing below the layer is differentiated.
+    Under bf16 autocast the leaf is float32 (pytorch-grad-cam turns the hooked activations
+    and gradients into numpy, which has no bfloat16); the layers above recast it.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                 and not output.requires_grad):
-            return output.detach().requires_grad_(True).clone()
+            return output.detach().float().requires_grad_(True).clone()
         return None
 
     handles = [layer.register_forward_hook(hook, prepend=True) for layer in layers]
@@ -313,7 +344,7 @@ def class_map_heatmaps(model: nn.Module, x: torch.Tensor, finding_index: int) ->
         raise ValueError(f"{type(model).__name__} has no class_maps(): 'pylon' heatmaps need "
                          "a PYLON model")
     with torch.no_grad():
-        maps = model.class_maps(x)[:, finding_index:finding_index + 1]
+        maps = model.class_maps(x)[:, finding_index:finding_index + 1].float()
         maps = official_eval_map(maps, tuple(x.shape[-2:]))[:, 0]
         flat = maps.reshape(len(maps), -1)
         lo = flat.min(dim=1).values.view(-1, 1, 1)
@@ -330,8 +361,14 @@ def compute_heatmaps(
     finding_index: int,
     batch_size: int = 16,
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Heatmaps for one finding's logit, batched; ``(N, H, W)`` float32 in [0, 1].
+
+    ``precision`` (:mod:`xcam_assets.train.precision`; default plain fp32): the forward
+    and backward pass run under its autocast dtype and memory format; the target layer's
+    activations and gradients, the CAM and the map are float32 in every precision (FullGrad
+    and ShapleyCAM run without autocast).
 
     ``method`` is a name or :class:`MethodSpec` (see module docstring); the CAM target is
     the finding's logit (``ClassifierOutputTarget(finding_index)``; for a single-logit
@@ -340,6 +377,8 @@ def compute_heatmaps(
     a degenerate map) become 0.
     """
     spec = method if isinstance(method, MethodSpec) else parse_method(method)
+    precision = precision or LEGACY_CPU
+    precision.prepare_model(model)
     model.eval()
     device = next(model.parameters()).device
     out = np.zeros(images_u8.shape, dtype=np.float32)
@@ -347,21 +386,26 @@ def compute_heatmaps(
         return out
     if spec.is_class_map:
         for i in range(0, len(images_u8), batch_size):
-            x = to_input(images_u8[i:i + batch_size]).to(device)
-            out[i:i + len(x)] = class_map_heatmaps(model, x, finding_index)
+            x = precision.prepare_input(to_input(images_u8[i:i + batch_size]).to(device))
+            with precision.autocast(device):
+                out[i:i + len(x)] = class_map_heatmaps(model, x, finding_index)
         return out
     cls = cam_class(spec.base)
     if not spec.relu:
         cls = _no_relu(cls)
     fast = not any(issubclass(cls, slow) for slow in FULL_BACKWARD)
-    with (_backward_stops_at(model, layers) if fast else nullcontext()), _quiet_progress(), \
+    # methods that need input/bias gradients (FullGrad, ShapleyCAM) hook tensors all over
+    # the network, which bf16 would leave unconvertible to numpy: they run in fp32
+    autocast = precision.autocast(device) if fast else nullcontext()
+    with (_backward_stops_at(model, layers) if fast else nullcontext()), \
+            _quiet_progress(), \
             cls(model=model, target_layers=layers, reshape_transform=reshape_transform) as cam:
         if hasattr(cam, "batch_size"):
             cam.batch_size = max(int(batch_size), 1)
         for i in range(0, len(images_u8), batch_size):
-            x = to_input(images_u8[i:i + batch_size]).to(device)
+            x = precision.prepare_input(to_input(images_u8[i:i + batch_size]).to(device))
             targets = [ClassifierOutputTarget(finding_index)] * len(x)
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast:
                 maps = cam(input_tensor=x, targets=targets)
             out[i:i + len(x)] = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(out, 0.0, 1.0)
@@ -377,6 +421,7 @@ def heatmap_stack(
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     only: np.ndarray | None = None,
     peaks: np.ndarray | None = None,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Every finding's heatmaps: ``(N, F, H, W)`` float16 in [0, 1] (the stored form).
 
@@ -393,7 +438,8 @@ def heatmap_stack(
         if len(rows) == 0:
             continue
         heat = compute_heatmaps(model, layers, images_u8[rows], method, k,
-                                batch_size=batch_size, reshape_transform=reshape_transform)
+                                batch_size=batch_size, reshape_transform=reshape_transform,
+                                precision=precision)
         maps[rows, k] = heat
         if peaks is not None:
             flat = heat.reshape(len(rows), -1).argmax(axis=1)

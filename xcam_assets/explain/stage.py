@@ -27,6 +27,8 @@ from xcam_assets.hashing import sha256_file
 from xcam_assets.preprocess.store import split_arrays
 from xcam_assets.train.checkpoint import load_trained_model
 from xcam_assets.train.loop import predict_logits
+from xcam_assets.train.precision import Precision
+from xcam_assets.train.stage import precision_for
 from xcam_assets.train.zoo import pick_device, target_layers, zoo_entry
 
 SIDECAR = "heatmaps.json"
@@ -79,12 +81,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
-def write_predictions(settings: Settings, model: Any, device: Any, out: Path) -> None:
+def write_predictions(settings: Settings, model: Any, device: Any, out: Path,
+                      precision: Precision | None = None) -> None:
     """The model's probabilities on the val and test splits (`predictions.parquet`)."""
     preds = []
     for split in ("val", "test"):
         keys, x, y, _ = split_arrays(settings, split)
-        prob = 1.0 / (1.0 + np.exp(-predict_logits(model, x, device=device)))
+        prob = 1.0 / (1.0 + np.exp(-predict_logits(model, x, device=device,
+                                                    precision=precision)))
         for k, finding in enumerate(settings.findings):
             preds.append(pl.DataFrame({"image_key": keys, "split": split, "finding": finding,
                                        "label": y[:, k].astype(np.int8),
@@ -121,8 +125,9 @@ def explain_architecture(settings: Settings, arch: str,
     cfg = ExplainConfig.from_settings(settings)
     device = pick_device()
     model = load_trained_model(settings, arch, device)
+    precision = precision_for(settings, arch, device)
     out = settings.heatmaps_dir / arch
-    write_predictions(settings, model, device, out)
+    write_predictions(settings, model, device, out, precision)
     keys, x_te, y_te, _ = split_arrays(settings, "test")
     layers = target_layers(model, arch, settings.zoo)
     reshape = reshape_transform_for(arch, settings.zoo)
@@ -142,7 +147,8 @@ def explain_architecture(settings: Settings, arch: str,
         peaks = np.zeros((*y_te.shape, 2), dtype=np.int32)
         maps = heatmap_stack(model, layers, x_te, spec, len(settings.findings),
                              batch_size=cfg.batch_size, reshape_transform=reshape,
-                             only=(y_te > 0) if cfg.positives_only else None, peaks=peaks)
+                             only=(y_te > 0) if cfg.positives_only else None, peaks=peaks,
+                             precision=precision)
         seconds = time.perf_counter() - t0
         path = out / f"{spec.key}.npy"
         _save_npy(path, maps)
@@ -167,5 +173,5 @@ def explain_architecture(settings: Settings, arch: str,
         "target_layers": list(entry.target_layers),
         "reshape_transform": entry.reshape_transform, "batch_size": cfg.batch_size,
         "overlay_alphas": list(cfg.overlay_alphas), "methods": outcome.methods,
-        "device": str(device)})
+        "device": str(device), **precision.record(), "precision_setting": settings.precision})
     return outcome

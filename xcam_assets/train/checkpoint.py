@@ -17,6 +17,7 @@ from torch import nn
 
 from xcam_assets.atomic import atomic_path, atomic_write_json, atomic_write_text
 from xcam_assets.config import Settings
+from xcam_assets.hashing import sha256_file
 from xcam_assets.train.zoo import build_model
 
 
@@ -84,3 +85,36 @@ def load_trained_model(settings: Settings, arch: str, device: torch.device) -> n
     model = build_model(arch, settings.zoo, n_classes=len(settings.findings), image_size=int(size))
     load_checkpoint(ckpt, model)
     return model.to(device).eval()
+
+
+def load_transfer_checkpoint(model: nn.Module, ckpt_dir: Path, arch: str,
+                             heads: list[str]) -> dict[str, Any]:
+    """Initialise `model` from another study's checkpoint of the same architecture (the
+    official VinDr protocol starts from the NIH weights): every backbone tensor must be
+    there with its shape (strict, else :class:`CheckpointError` naming the file and the
+    keys); the head (`heads` prefixes) is taken only when the findings match in number,
+    else it keeps its fresh initialisation. Returns the provenance record."""
+    sidecar = read_sidecar(ckpt_dir)
+    path = ckpt_dir / "model.safetensors"
+    if sidecar.get("architecture") != arch:
+        raise CheckpointError(f"{path}: a {sidecar.get('architecture')} checkpoint cannot "
+                              f"initialise {arch}")
+    state = load_file(str(path))
+    own = model.state_dict()
+
+    def is_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in heads)
+
+    missing = [k for k in own if k not in state and not is_head(k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and not is_head(k) and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: does not fit {arch} (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {wrong[:5]}): no partial load")
+    take_head = all(k in state and state[k].shape == own[k].shape for k in own if is_head(k))
+    new = {k: (state[k] if (take_head or not is_head(k)) else v) for k, v in own.items()}
+    model.load_state_dict(new)
+    return {"checkpoint": str(ckpt_dir), "file_sha256": sha256_file(path),
+            "weights_sha256": sidecar.get("weights_sha256"),
+            "findings": sidecar.get("findings"), "head": "loaded" if take_head else "fresh"}

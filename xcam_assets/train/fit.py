@@ -27,6 +27,7 @@ from torch import nn
 from xcam_assets.stats import t_confidence_interval
 from xcam_assets.train import checkpoint as ckpt
 from xcam_assets.train.loop import mean_auc, predict_logits, rank_and_world, train_classifier
+from xcam_assets.train.precision import Precision
 from xcam_assets.train.recipes import Recipe
 from xcam_assets.train.zoo import build_model, head_prefixes, state_dict_hash
 
@@ -131,6 +132,8 @@ def fit_architecture(
     pretrained_file: Path | None = None,
     resume: bool = True,
     deterministic: bool = False,
+    precision: Precision | None = None,
+    init_checkpoint: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> FitOutcome:
     """Train `arch` once per seed; return the lowest-val-loss model (on the CPU) and all runs."""
@@ -158,13 +161,17 @@ def fit_architecture(
             torch.manual_seed(seed)  # deterministic initialisation per seed
             model = build_model(arch, zoo, n_classes, image_size=image_size,
                                 pretrained_file=pretrained_file)
+            if init_checkpoint is not None:  # transfer: another study's weights
+                ckpt.load_transfer_checkpoint(model, init_checkpoint, arch,
+                                              head_prefixes(model, arch, zoo))
             resume_path = out_dir / "_resume" / f"seed-{seed}.pt" if resume else None
             result = train_classifier(
                 model, x_tr, y_tr, x_va, y_va, batch_size=batch_size, seed=seed,
                 log=lambda m, s=seed: log(f"[{arch} seed {s}] {m}"), device=device,
                 recipe=recipe, heads=head_prefixes(model, arch, zoo),
-                resume_path=resume_path, fingerprint=fp, deterministic=deterministic)
-            model.cpu()
+                resume_path=resume_path, fingerprint=fp, deterministic=deterministic,
+                precision=precision)
+            model.cpu().to(memory_format=torch.contiguous_format)
             run = SeedRun(seed=seed, val_auc=val_auc_of(model, x_va, y_va, torch.device("cpu")),
                           val_loss=result.best_val_loss, best_epoch=result.best_epoch,
                           weights_sha256=state_dict_hash(model), history=result.history,

@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xcam_assets.atomic import atomic_write_bytes
 from xcam_assets.stats import roc_auc
+from xcam_assets.train.precision import Precision, legacy_precision
 from xcam_assets.train.recipes import Augment, Phase, Recipe, default_recipe
 
 MEAN, STD = 0.5, 0.25
@@ -236,19 +237,21 @@ class TrainResult:
 
 
 def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64,
-                   device: torch.device | None = None) -> np.ndarray:
+                   device: torch.device | None = None,
+                   precision: Precision | None = None) -> np.ndarray:
+    """Logits ``(N, F)`` float32 in eval mode; ``precision`` as in training (default: the
+    legacy rule, bf16 + channels_last on CUDA, fp32 on the CPU)."""
     device = device or next(model.parameters()).device
+    precision = precision or legacy_precision(device)
+    precision.prepare_model(model)
     model.eval()
     outs = []
     with torch.inference_mode():
         for i in range(0, len(images_u8), batch_size):
             x = to_input(images_u8[i:i + batch_size]).to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    outs.append(model(x).float().cpu())
-            else:
-                outs.append(model(x).cpu())
+            x = precision.prepare_input(x)
+            with precision.autocast(device):
+                outs.append(model(x).float().cpu())
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
@@ -370,13 +373,14 @@ def mean_auc(y: np.ndarray, logits: np.ndarray) -> float:
 
 
 def _validate(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, y_val_t: torch.Tensor,
-              device: torch.device, rank: int, world: int) -> tuple[float, float]:
+              device: torch.device, rank: int, world: int,
+              precision: Precision | None = None) -> tuple[float, float]:
     """(val loss, mean val AUC over findings). Under DDP rank 0 computes them and every rank
     takes its figures, so plateau steps and best-epoch choices agree across ranks (each
     rank's BatchNorm statistics differ slightly)."""
     figures: list[float] = [math.nan, math.nan]
     if rank == 0:
-        val_logits = predict_logits(model, x_val, device=device)
+        val_logits = predict_logits(model, x_val, device=device, precision=precision)
         figures[0] = float(F.binary_cross_entropy_with_logits(
             torch.as_tensor(val_logits), y_val_t))
         figures[1] = mean_auc(y_val, val_logits)
@@ -403,12 +407,15 @@ def train_classifier(
     resume_path: Path | None = None,
     fingerprint: str = "",
     deterministic: bool = False,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train by `recipe` (default: AdamW for `epochs` at `lr`); keep the best-val-loss weights.
 
     Multi-label: one sigmoid logit per finding (column of `y_*`), BCE loss; a single
     finding is the binary special case. Frozen-backbone phases need `heads` (the zoo
-    entry's head prefixes)."""
+    entry's head prefixes). ``precision`` (:mod:`xcam_assets.train.precision`): autocast
+    dtype and memory format of the forward pass; fp32 master weights and fp32 loss always;
+    default the legacy rule (bf16 + channels_last on CUDA, fp32 on the CPU)."""
     if recipe is None:
         if epochs is None or lr is None:
             raise ValueError("give a recipe, or epochs and lr")
@@ -420,9 +427,9 @@ def train_classifier(
     rank, world = rank_and_world()
     # augmentation draws: one stream per rank (one process: the order's generator, as ever)
     aug_gen = gen if world == 1 else torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
+    precision = precision or legacy_precision(device)
     model.to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)
 
     # data: uint8 stays uint8 until the batch is on the device
     x_tr = torch.as_tensor(np.ascontiguousarray(x_train))
@@ -499,10 +506,9 @@ def train_classifier(
                 else:
                     xb_u8, yb = x_tr[idx], y_tr[idx]
                 xb = _augment_with(to_input(xb_u8), aug_gen, recipe.augment)
-                if cuda:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
+                xb = precision.prepare_input(xb)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                with precision.autocast(device):
                     logits = net(xb)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), yb,
                                                           pos_weight=pos_weight)
@@ -518,7 +524,8 @@ def train_classifier(
                 sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
                 dist.all_reduce(sums)
                 total, seen = float(sums[0]), int(sums[1])
-            val_loss, val_auc = _validate(model, x_val, y_val, y_val_t, device, rank, world)
+            val_loss, val_auc = _validate(model, x_val, y_val, y_val_t, device, rank, world,
+                                           precision)
             st["epoch_in_phase"] += 1
             st["global_epoch"] += 1
             epochs_this_run += 1

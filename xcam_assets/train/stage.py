@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from xcam_assets.config import Settings
 from xcam_assets.hashing import sha256_file
@@ -28,8 +29,10 @@ from xcam_assets.train.fit import (
     seeds_for,
 )
 from xcam_assets.train.loop import rank_and_world
+from xcam_assets.train.precision import LEGACY_CPU, Precision, resolve_precision
 from xcam_assets.train.recipes import Recipe, recipe_from_profile
 from xcam_assets.train.zoo import (
+    build_model,
     pick_device,
     pretrained_record,
     resolve_pretrained,
@@ -87,7 +90,8 @@ def describe_recipe(recipe: Recipe) -> str:
 
 
 def model_card(arch: str, settings: Settings, outcome: FitOutcome, recipe: Recipe,
-               pretrained: str | None, n: dict[str, int]) -> str:
+               pretrained: str | None, n: dict[str, int],
+               precision: Precision | None = None) -> str:
     """The markdown model card: intended use, model, data, training, validation figures."""
     entry = zoo_entry(arch, settings.zoo)
     run = outcome.primary
@@ -112,7 +116,8 @@ sigmoid output(settings) (multi-label BCE), 1 input channel, {init}. CAM target
 splits: train {n['train']} / val {n['val']} images. Input {settings.image_size} px, CLAHE clip
 {settings.clahe['clip_limit']} tiles {settings.clahe['tile_grid']}.
 
-**Training**: {describe_recipe(recipe)} Batch {settings.profile['batch_size']}; seeds
+**Training**: {describe_recipe(recipe)} Batch {settings.profile['batch_size']};
+precision {(precision or LEGACY_CPU).label} (profile `precision: {settings.precision}`); seeds
 {', '.join(str(r.seed) for r in outcome.runs)}; this checkpoint: seed {run.seed}
 (lowest validation loss), best epoch {run.best_epoch} of {len(run.history)}.
 
@@ -139,6 +144,7 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
     pretrained = None if use_pretrained is None else resolve_pretrained(
         arch, settings.zoo, pretrained=use_pretrained, pretrained_file=prof.get("pretrained_file"),
         pretrained_dir=prof.get("pretrained_dir"), root=settings.root)
+    init_ckpt = init_checkpoint_dir(settings, arch)
     k_tr, x_tr, y_tr, _ = split_arrays(settings, "train")
     k_va, x_va, y_va, _ = split_arrays(settings, "val")
     device = device or pick_device()
@@ -148,7 +154,11 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
     base_fp = {"architecture": arch, "zoo_entry": dict(entry.raw), "recipe": recipe.to_dict(),
                "batch_size": int(prof["batch_size"]), "image_size": settings.image_size,
                "findings": settings.findings, "data_versions": data_versions,
-               "pretrained": sha256_file(pretrained) if pretrained else None}
+               "pretrained": sha256_file(pretrained) if pretrained else None,
+               "init_checkpoint": (sha256_file(init_ckpt / "model.safetensors")
+                                   if init_ckpt else None)}
+    precision = precision_for(settings, arch, device)
+    base_fp["precision"] = precision.label
     out = settings.checkpoints_dir / arch
     training_fp = fingerprint({**base_fp, "seeds": seeds, "code": code_hash(),
                                "processes": world})
@@ -156,14 +166,15 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
         log(f"{arch}: checkpoint up to date (same data, recipe, seeds and code): kept as is")
         return
     log(f"training {arch} on {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
-        + f": {len(x_tr)} train / {len(x_va)} val images, recipe {recipe.name}, seeds {seeds}, "
+        + f": {len(x_tr)} train / {len(x_va)} val images, {precision.label}, recipe "
+        f"{recipe.name}, seeds {seeds}, "
         f"{'pretrained ' + str(pretrained) if pretrained else 'from scratch'}")
     outcome = fit_architecture(
         arch, settings.zoo, len(settings.findings), x_tr, y_tr, x_va, y_va, recipe=recipe,
         batch_size=int(prof["batch_size"]), seeds=seeds, image_size=settings.image_size, out_dir=out,
         device=device, base_fingerprint=base_fp, pretrained_file=pretrained,
         resume=bool(prof.get("resume", True)), deterministic=bool(prof.get("deterministic", False)),
-        log=log)
+        precision=precision, init_checkpoint=init_ckpt, log=log)
     if rank != 0:
         return
     run = outcome.primary
@@ -182,16 +193,48 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
         "reshape_transform": entry.reshape_transform,
         "class_maps": entry.class_maps,
         "pretrained": pretrained_record(pretrained),
+        "initialised_from": ({"checkpoint": str(init_ckpt),
+                              "file_sha256": base_fp["init_checkpoint"],
+                              "findings": read_sidecar(init_ckpt).get("findings")}
+                             if init_ckpt else None),
         "best_epoch": run.best_epoch, "history": run.history, "val_auc": run.val_auc,
         "val_loss": run.val_loss, "resumed_from_epoch": run.resumed_from_epoch,
         "weights_sha256": run.weights_sha256, "data_versions": data_versions,
         "training_fingerprint": training_fp,
         "git_commit": git_commit(settings.root), "packages": package_versions(),
         "environment": environment(), "device": str(device), "processes": world,
+        **precision.record(), "precision_setting": settings.precision,
     }
     card = model_card(arch, settings, outcome, recipe, str(pretrained) if pretrained else None,
-                      {"train": len(x_tr), "val": len(x_va)})
+                      {"train": len(x_tr), "val": len(x_va)}, precision)
     save_checkpoint(out, outcome.model, sidecar, card)
+
+
+def init_checkpoint_dir(settings: Settings, arch: str) -> Path | None:
+    """The profile's ``init_checkpoint`` (a checkpoint folder of another study, ``{arch}``
+    replaced by the architecture, relative to the project root): transfer learning as
+    the official VinDr protocol runs it (from the NIH weights). A clear error when absent."""
+    template = settings.profile.get("init_checkpoint")
+    if not template:
+        return None
+    path = Path(str(template).format(arch=arch))
+    path = path if path.is_absolute() else settings.root / path
+    if not (path / "model.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"init_checkpoint for {arch}: no checkpoint at {path} (model.json + "
+            "model.safetensors); train the source study first (e.g. XCAM_STUDY=nih) and "
+            "point init_checkpoint at its data/checkpoints/{arch}")
+    return path
+
+
+def precision_for(settings: Settings, arch: str, device: torch.device) -> Precision:
+    """The precision `arch` trains and explains in under the profile's ``precision``
+    setting on `device` (rule: :mod:`xcam_assets.train.precision`; `auto` looks at the
+    built model's convolutions, so a throwaway instance is built)."""
+    if settings.precision != "auto":
+        return resolve_precision(settings.precision, nn.Identity(), device)
+    probe = build_model(arch, settings.zoo, len(settings.findings), image_size=settings.image_size)
+    return resolve_precision("auto", probe, device)
 
 
 def checkpoint_is_current(out: Path, training_fp: str) -> bool:
