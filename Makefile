@@ -13,23 +13,31 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
 .PHONY: demo test setup ui lint browser postgres
 
+# `exec`: the recipe's shell becomes `xcam ui`, which stops the UI's every process within 5 s
+# of Ctrl-C or of the SIGTERM make passes on (xcam_assets.procs.supervise)
 demo: setup
 	$(VENV)/bin/xcam demo
-	$(VENV)/bin/xcam ui
+	exec $(VENV)/bin/xcam ui
 
 test: setup browser postgres
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml resources/constraints.txt
+# Extras: test (pytest & co.), crosscheck (quantus, the metric tests' reference
+# implementations), k8s (dagster-k8s: the k8s executor config in resources/deploy/ is
+# validated against its schema). Quantus requires `opencv-python`, which would overwrite
+# grad-cam's opencv-python-headless (both install cv2/): resources/opencv-python-shim is an
+# empty `opencv-python` that depends on the headless build (see the comment in pyproject.toml).
+EXTRAS := test,crosscheck,k8s
+SHIM := resources/opencv-python-shim
+
+$(VENV)/.installed: pyproject.toml resources/constraints.txt $(SHIM)/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -c resources/constraints.txt -e '.[test]'
-	# Quantus (metric cross-checks in tests) wants opencv-python, which would clobber
-	# grad-cam's opencv-python-headless: install it and its light deps without deps.
-	$(VENV)/bin/python -m pip install --quiet --no-deps -c resources/constraints.txt \
-		quantus scikit-image imageio tifffile lazy-loader cachetools
+	$(VENV)/bin/python -m pip install --quiet -c resources/constraints.txt ./$(SHIM) \
+		-e '.[$(EXTRAS)]'
+	$(VENV)/bin/python -m pip check
 	touch $@
 
 # DVC in its own environment: its hydra/omegaconf pin antlr 4.9, dagster needs 4.13
@@ -63,7 +71,7 @@ postgres:
 	  else echo "postgresql missing and not installable here: the Postgres test will skip"; fi; }
 
 ui: setup
-	$(VENV)/bin/xcam ui
+	exec $(VENV)/bin/xcam ui
 
 lint: setup
 	$(VENV)/bin/ruff check xcam_assets tests
