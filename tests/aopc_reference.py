@@ -23,23 +23,25 @@ def morf_aopc_stepwise(
     predict: Predictor,
     images: np.ndarray,
     heatmaps: np.ndarray,
-    region: int,
+    region: int | None = None,
     steps: int | None = None,
     perturbation: str = "gaussian_noise",
     noise_mean: float = 0.0,
     noise_sd: float = 0.1,
     fill: float = 0.5,
     seed: int = 0,
+    grid: int | None = None,
 ) -> PathResult:
     """Reference implementation of :func:`morf_aopc`: perturb one region at a time in
     place and run one forward pass per image and step (``N * (L + 1)`` calls of batch 1).
-    Used to verify the batched version."""
+    Used to verify the batched version. Regions: tiles of side ``region`` px or a
+    ``grid x grid`` block grid (give one), as in :func:`morf_aopc`."""
     x, h = _check_batch(images, heatmaps)
     counter = CountingPredictor(predict)
     end = _morf_end(x, perturbation, seed, noise_mean, noise_sd, fill)
     curves = []
     for i in range(len(x)):
-        order = tile_order(h[i], region)
+        order = tile_order(h[i], region, grid)
         n_steps = len(order) if steps is None else min(int(steps), len(order))
         cur = x[i].copy()
         row = [float(counter(cur[None])[0])]

@@ -14,7 +14,11 @@ from xcam_assets.automation import (
     nightly_reevaluation,
 )
 from xcam_assets.evaluate.assets import external_scores, metric_tables
-from xcam_assets.evaluate.checks import external_metrics_in_range, metrics_in_range
+from xcam_assets.evaluate.checks import (
+    external_metrics_in_range,
+    metrics_in_range,
+    subgroup_auc_gap_is_bounded,
+)
 from xcam_assets.explain.assets import heatmap_sets
 from xcam_assets.explain.checks import heatmaps_are_valid
 from xcam_assets.ingest.assets import (
@@ -42,7 +46,7 @@ ASSETS = [raw_dicoms, dicom_inventory, findings, cohort_splits, clahe_tensors, c
           heatmap_sets, metric_tables, external_cohort, external_scores]
 CHECKS = [raw_copy_is_faithful, inventory_is_usable, labels_match_images, splits_do_not_leak,
           tensors_are_sound, model_is_sound, heatmaps_are_valid, metrics_in_range,
-          external_is_unseen, external_metrics_in_range]
+          subgroup_auc_gap_is_bounded, external_is_unseen, external_metrics_in_range]
 
 
 

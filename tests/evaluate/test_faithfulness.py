@@ -238,8 +238,10 @@ def test_faithfulness_values_runs_every_configured_metric() -> None:
     out = faithfulness_values(model, 0, rng.random((2, 16, 16)), rng.random((2, 16, 16)),
                               threshold=0.0, config=cfg)
     assert set(out) == {"aopc", "deletion_auc", "insertion_auc", "masked_out_area",
-                        "road_morf", "road_lerf", "road_combined"}
+                        "road_morf", "road_lerf", "road_combined", "aopc_grid", "aopc_steps"}
     assert len(out["aopc"]) == 2 and len(out["road_morf"]) == 1
+    # the default 9x9 block grid, every region perturbed (L = 81), recorded per image
+    assert out["aopc_grid"].tolist() == [9.0, 9.0] and out["aopc_steps"].tolist() == [81.0] * 2
     assert (out["masked_out_area"] == 1.0).all()  # threshold 0: nothing flips
     assert faithfulness_values(model, 0, np.zeros((0, 4, 4)), np.zeros((0, 4, 4)), 0.5,
                                cfg) == {}
@@ -259,6 +261,16 @@ class SigmoidModel(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
+def _quantus():  # noqa: ANN202
+    """Quantus comes with xcam's `crosscheck` extra, which `make setup` installs: missing is
+    a broken install, so the cross-checks fail instead of skipping."""
+    try:
+        import quantus
+    except ModuleNotFoundError as exc:
+        pytest.fail(f"{exc}: install xcam's `crosscheck` extra (make setup; see the README)")
+    return quantus
+
+
 def _ours(model: nn.Module):  # noqa: ANN202
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -267,7 +279,7 @@ def _ours(model: nn.Module):  # noqa: ANN202
 
 
 def test_cross_check_aopc_curve_against_quantus_region_perturbation() -> None:
-    quantus = pytest.importorskip("quantus")
+    quantus = _quantus()
     model = SigmoidModel().eval()
     rng = np.random.default_rng(3)
     x = rng.random((3, 1, 16, 16)).astype(np.float32)
@@ -285,7 +297,7 @@ def test_cross_check_aopc_curve_against_quantus_region_perturbation() -> None:
 
 
 def test_cross_check_deletion_curve_against_quantus_pixel_flipping() -> None:
-    quantus = pytest.importorskip("quantus")
+    quantus = _quantus()
     model = SigmoidModel().eval()
     rng = np.random.default_rng(4)
     x = rng.random((2, 1, 8, 8)).astype(np.float32)
@@ -298,3 +310,41 @@ def test_cross_check_deletion_curve_against_quantus_pixel_flipping() -> None:
     ours = deletion_scores(_ours(model), x[:, 0], a[:, 0], steps=16, fill=0.0)
     # Quantus records the points after each step (k = 1..n), ours also k = 0
     np.testing.assert_allclose(q_curves, ours.curves[:, 1:], atol=1e-5)
+
+
+def test_cross_check_noise_aopc_against_quantus_region_perturbation() -> None:
+    """The AOPC the study reports (Gaussian-noise MoRF, N(0, 0.1)) against Quantus's
+    RegionPerturbation: Quantus ranks the 4x4 patches (by attribution sum), perturbs them
+    cumulatively and runs the model; its perturbation adds, at each patch's pixels, the
+    documented fixed noise field of the image (``default_rng([seed, i])``, drawn here, not by
+    xcam), so a patch keeps its noise once perturbed. AOPC = sum_k (f0 - fk) / (L + 1)."""
+    quantus = _quantus()
+    model = SigmoidModel().eval()
+    rng = np.random.default_rng(5)
+    n, size, region, seed, mean, sd = 3, 16, 4, 11, 0.0, 0.1
+    x = rng.random((n, 1, size, size)).astype(np.float32)
+    a = rng.random((n, 1, size, size)).astype(np.float32)  # continuous: no tied patches
+    noise = np.stack([np.random.default_rng([seed, i]).normal(mean, sd, (size, size))
+                      .astype(np.float32) for i in range(n)]).reshape(n, -1)
+
+    def add_fixed_noise(arr: np.ndarray, indices: np.ndarray, **_: object) -> np.ndarray:
+        # arr: (N, H * W) (one channel, no padding as 16 % 4 == 0); indices: (N, patch px)
+        rows = np.arange(len(arr))[:, None]
+        out = arr.copy()
+        out[rows, indices] = arr[rows, indices] + noise[rows, indices]
+        return out
+
+    for steps in (16, 5):  # every patch, and a truncated path
+        q = quantus.RegionPerturbation(
+            patch_size=region, regions_evaluation=steps, order="morf",
+            perturb_func=add_fixed_noise, disable_warnings=True, display_progressbar=False)
+        q_drops = np.asarray(q(model=model, x_batch=x, y_batch=np.zeros(n, int), a_batch=a,
+                               device="cpu", softmax=False, channel_first=True))
+        assert q_drops.shape == (n, steps)
+        ours = morf_aopc(_ours(model), x[:, 0], a[:, 0], region=region,
+                         steps=None if steps == 16 else steps, perturbation="gaussian_noise",
+                         noise_mean=mean, noise_sd=sd, seed=seed, batch_size=5)
+        np.testing.assert_allclose(ours.curves[:, :1] - ours.curves[:, 1:], q_drops, atol=1e-6)
+        # the k = 0 term of the AOPC sum is 0
+        np.testing.assert_allclose(ours.values, q_drops.sum(axis=1) / (steps + 1), atol=1e-7)
+        assert np.abs(q_drops).max() > 1e-4  # the noise does move the prediction

@@ -158,7 +158,8 @@ def test_point_localization_accuracy_hand_computed() -> None:
     assert (b.hits, b.n_images, b.n_boxes) == (2, 3, 3)
     assert b.accuracy == pytest.approx(2 / 3)
     assert res.macro == pytest.approx(7 / 12)  # (1/2 + 2/3) / 2
-    assert res.box_weighted == pytest.approx(4 / 7)  # (1/2 * 4 + 2/3 * 3) / 7
+    # weighted by boxed images (PYLON's official code), not boxes: (1/2 * 2 + 2/3 * 3) / 5
+    assert res.box_weighted == pytest.approx(3 / 5)
     rows = res.rows()
     assert [r["finding"] for r in rows] == ["A", "B", "macro_average", "box_weighted_average"]
     assert rows[2]["n_images"] == 5 and rows[3]["n_boxes"] == 7
@@ -182,17 +183,26 @@ def test_point_localization_accuracy_errors_and_empty() -> None:
 
 # --------------------------------------------------------------------------- energy
 def test_energy_pointing_game_hand_computed() -> None:
-    assert energy_pointing_game(H4, CENTER) == pytest.approx(18 / 24)
-    assert energy_pointing_game(H4, TOP_LEFT) == pytest.approx(7 / 24)
-    assert energy_pointing_game(H4, np.ones((4, 4), bool)) == 1.0
+    # the literal definition on the map (baseline "none")
+    assert energy_pointing_game(H4, CENTER, baseline="none") == pytest.approx(18 / 24)
+    assert energy_pointing_game(H4, TOP_LEFT, baseline="none") == pytest.approx(7 / 24)
+    assert energy_pointing_game(H4, np.ones((4, 4), bool), baseline="none") == 1.0
+    # default: the heat above the median (1): [[0,0,1,0],[0,4,2,0],[0,1,7,0],[0,0,0,0]],
+    # total 15, CENTER 4 + 2 + 1 + 7 = 14, TOP_LEFT 4
+    assert energy_pointing_game(H4, CENTER) == pytest.approx(14 / 15)
+    assert energy_pointing_game(H4, TOP_LEFT) == pytest.approx(4 / 15)
+    # a signed map is fine with the median baseline (affine invariance)
+    assert energy_pointing_game(2 * H4 - 3, CENTER) == pytest.approx(14 / 15)
 
 
 def test_energy_pointing_game_edge_cases() -> None:
-    assert math.isnan(energy_pointing_game(np.zeros((3, 3)), np.ones((3, 3), bool)))
+    # blank map: a failure (0), not nan
+    assert energy_pointing_game(np.zeros((3, 3)), np.ones((3, 3), bool)) == 0.0
+    assert energy_pointing_game(np.zeros((3, 3)), np.ones((3, 3), bool), baseline="none") == 0.0
     with pytest.raises(ValueError):
         energy_pointing_game(H4, np.zeros((4, 4), bool))
     with pytest.raises(ValueError):
-        energy_pointing_game(H4 - 1.0, CENTER)
+        energy_pointing_game(H4 - 1.0, CENTER, baseline="none")
 
 
 # --------------------------------------------------------------------------- weak localization
@@ -260,26 +270,34 @@ def test_ehr_auc_hand_computed() -> None:
     # min-max -> [[0, .25], [.5, 1]]; V = {.25, .5, 1}; t_q = .25, .3, ..., .5 (q <= .5),
     # .6, ..., .9, .99. B_q sizes: 3 (q=0), 2 (q=.1-.5), 1 (q=.6-1).
     h = np.array([[0.0, 1.0], [2.0, 4.0]])
+    # the published procedure on the map itself (baseline "none")
     # region = the max pixel: ratios 1/3, 1/2 x5, 1 x5 -> area 0.1*(47/6 - 2/3) = 43/60
-    assert ehr_auc(h, _mask((2, 2), [(1, 1)])) == pytest.approx(43 / 60)
+    assert ehr_auc(h, _mask((2, 2), [(1, 1)]), baseline="none") == pytest.approx(43 / 60)
     # region = the 0.5 pixel: ratios 1/6, 1/4 x5, 0 x5 -> area 0.1*(1/6 + 5/4 - 1/12) = 2/15
-    assert ehr_auc(h, _mask((2, 2), [(1, 0)])) == pytest.approx(2 / 15)
+    assert ehr_auc(h, _mask((2, 2), [(1, 0)]), baseline="none") == pytest.approx(2 / 15)
     # region = the zero pixel: no heat inside -> 0
-    assert ehr_auc(h, _mask((2, 2), [(0, 0)])) == 0.0
+    assert ehr_auc(h, _mask((2, 2), [(0, 0)]), baseline="none") == 0.0
     # affine rescaling does not matter (min-max)
-    assert ehr_auc(3 * h + 7, _mask((2, 2), [(1, 1)])) == pytest.approx(43 / 60)
+    assert ehr_auc(3 * h + 7, _mask((2, 2), [(1, 1)]), baseline="none") == pytest.approx(43 / 60)
+    # default (median 1.5 subtracted): heat [[0, 0], [.2, 1]] after min-max; V = {.2, 1};
+    # t_q = .2 + .8q capped at .99: B_q = {.2, 1} at q = 0, {1} after. Max-pixel region:
+    # ratios 1/2, then 1 x10 -> area 0.1 * (10.5 - 0.25 - 0.5) = 0.975
+    assert ehr_auc(h, _mask((2, 2), [(1, 1)])) == pytest.approx(0.975)
+    assert ehr_auc(3 * h + 7, _mask((2, 2), [(1, 1)])) == pytest.approx(0.975)
 
 
 def test_ehr_auc_floor_zeroes_low_values() -> None:
     # 0.05 < 0.1 is zeroed and excluded from V = {.5, 1}: t_q = .5 + .5q capped at .99
     # region = the 0.5 pixel: ratio .5/2 = .25 at q=0 only, else 0 -> area 0.1 * .25 / 2
     h = np.array([[0.0, 0.05], [0.5, 1.0]])
-    assert ehr_auc(h, _mask((2, 2), [(1, 0)])) == pytest.approx(0.0125)
-    assert ehr_auc(h, _mask((2, 2), [(0, 1)])) == 0.0
+    assert ehr_auc(h, _mask((2, 2), [(1, 0)]), baseline="none") == pytest.approx(0.0125)
+    assert ehr_auc(h, _mask((2, 2), [(0, 1)]), baseline="none") == 0.0
 
 
 def test_ehr_auc_edge_cases() -> None:
-    assert math.isnan(ehr_auc(np.full((3, 3), 0.7), np.ones((3, 3), bool)))
+    # blank map: a failure (0), not nan
+    assert ehr_auc(np.full((3, 3), 0.7), np.ones((3, 3), bool)) == 0.0
+    assert ehr_auc(np.full((3, 3), 0.7), np.ones((3, 3), bool), baseline="none") == 0.0
     with pytest.raises(ValueError):
         ehr_auc(H4, np.zeros((4, 4), bool))
 
@@ -291,14 +309,17 @@ def test_ehr_auc_matches_reference_procedure() -> None:
         h[0, 0], h[15, 15] = 0.0, 1.0  # already in [0, 1]: min-max is the identity
         x0, y0 = rng.integers(0, 10, 2)
         roi = boxes_to_mask([(x0, y0, x0 + 6, y0 + 6)], (16, 16))
-        val = ehr_auc(h, roi)
+        val = ehr_auc(h, roi, baseline="none")
         assert val == pytest.approx(_ehr_reference(h, roi), abs=1e-12)
         assert 0.0 <= val <= 1.0
 
 
 # --------------------------------------------------------------------------- Quantus
 def test_cross_check_against_quantus() -> None:
-    quantus = pytest.importorskip("quantus")
+    try:  # the `crosscheck` extra, installed by `make setup`: missing fails, not skips
+        import quantus
+    except ModuleNotFoundError as exc:
+        pytest.fail(f"{exc}: install xcam's `crosscheck` extra (make setup; see the README)")
     rng = np.random.default_rng(0)
     n, size = 40, 12
     heat = rng.random((n, 1, size, size))  # continuous: no tied maxima
@@ -316,7 +337,8 @@ def test_cross_check_against_quantus() -> None:
         a_batch=heat, s_batch=masks
     )
     ours_hits = [pointing_game_hit(heat[i, 0], masks[i, 0]) for i in range(n)]
-    ours_energy = [energy_pointing_game(heat[i, 0], masks[i, 0]) for i in range(n)]
+    ours_energy = [energy_pointing_game(heat[i, 0], masks[i, 0], baseline="none")
+                   for i in range(n)]
     np.testing.assert_array_equal(np.asarray(q_hits, dtype=bool), ours_hits)
     np.testing.assert_allclose(np.asarray(q_energy, dtype=float), ours_energy, rtol=1e-12)
     assert 0 < sum(ours_hits) < n

@@ -65,3 +65,24 @@ def test_plots_are_png() -> None:
                                    boxes=[[(1, 1, 5, 5)], []])
     for png in (roc, bars, empty, montage):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_plots_with_several_series_have_a_legend_naming_each(monkeypatch) -> None:
+    """ROC: a legend entry per curve and the chance line; bars: one entry per CAM method,
+    also for a method absent from the first panel."""
+    import xcam_assets.evaluate.plots as plots
+
+    figures = []
+    real_png = plots._png
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or real_png(fig))
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 30)
+    plot_roc({"a": (y, rng.random(30)), "b": (y, rng.random(30))}, "t", n_boot=20)
+    texts = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert [t.split(" (")[0] for t in texts] == ["a", "b", "chance"]
+    long = to_frame(mean_rows("net", "gradcam", "f", {"aopc": [0.1, 0.3]}, 20, 0)
+                    + mean_rows("net", "eigencam", "f", {"ehr_auc": [0.5]}, 20, 0))
+    plot_metric_bars(long, "f", ["aopc", "ehr_auc"])
+    legend = figures[-1].legends[0]
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["eigencam", "gradcam"]
+    assert legend.get_title().get_text() == "CAM method"

@@ -71,7 +71,13 @@ def test_localization_table_hand_computed() -> None:
           "weak_localization_iou", "weak_localization_hit", "weak_localization_hit_iou50",
           "point_localization_accuracy")}
     assert a["pointing_game"]["value"] == 0.5 and a["pointing_game"]["n"] == 2
-    assert a["pointing_game_tol15px"]["value"] == 1.0  # (0, 0) is within 15 px of the box
+    # 15 px at 224 px is 15 * 4 / 224 = 0.27 px on these 4 px maps: (0, 0) is 2.8 px from
+    # image 1's box -> still a miss (unscaled, 15 px would have made it a hit)
+    assert a["pointing_game_tol15px"]["value"] == 0.5
+    assert _value(rows, "a", "pointing_tolerance_px")["value"] == pytest.approx(15 * 4 / 224)
+    assert _value(rows, "a", "small_box_margin_px")["value"] == pytest.approx(10 * 4 / 224)
+    assert _value(rows, "a", "pointing_tolerance_px")["ci_low"] is None
+    assert _value(rows, "a", "blank_map_rate")["value"] == 0.0
     # image 0: 1.9 of 2.4 inside; image 1: 1 of 2
     assert a["energy_pointing_game"]["value"] == pytest.approx((1.9 / 2.4 + 0.5) / 2)
     assert a["ehr_auc"]["value"] == pytest.approx(
@@ -84,12 +90,15 @@ def test_localization_table_hand_computed() -> None:
     assert a["point_localization_accuracy"]["value"] == 0.5
     b = _value(rows, "b", "point_localization_accuracy")
     assert (b["value"], b["n"]) == (1.0, 1)
-    # macro (0.5 + 1) / 2; box-weighted (0.5 * 2 + 1 * 3) / 5 boxes
+    # macro (0.5 + 1) / 2; "box-weighted" by boxed images (PYLON's official code):
+    # (0.5 * 2 + 1 * 1) / 3 images (by boxes it would be (0.5 * 2 + 1 * 3) / 5 = 0.8)
     assert _value(rows, MACRO, "point_localization_accuracy")["value"] == 0.75
-    assert _value(rows, BOX_WEIGHTED, "point_localization_accuracy")["value"] == 0.8
+    assert _value(rows, BOX_WEIGHTED, "point_localization_accuracy")["value"] == \
+        pytest.approx(2 / 3)
     for r in rows:
         assert r["architecture"] == "net" and r["cam_method"] == "gradcam"
-        assert r["ci_low"] <= r["value"] + 1e-12 or np.isnan(r["ci_low"])
+        assert r["ci_low"] is None or r["ci_low"] <= r["value"] + 1e-12 \
+            or np.isnan(r["ci_low"])
 
 
 def test_boxes_from_masks_when_none_annotated() -> None:

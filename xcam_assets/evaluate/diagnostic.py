@@ -28,10 +28,13 @@ from xcam_assets.stats import (
     as_scores,
     auc_from_ranks,
     check_boot_args,
+    cluster_draws,
+    make_clusters,
     percentile_interval,
     resample_indices,
     roc_auc,
     safe_div,
+    weighted_auc,
 )
 
 __all__ = [
@@ -141,6 +144,7 @@ def diagnostic_rows(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: ArrayLike | None = None,
 ) -> list[dict[str, Any]]:
     """Diagnostic metric table with percentile-bootstrap confidence intervals.
 
@@ -150,6 +154,11 @@ def diagnostic_rows(
     :func:`roc_auc`); the CI is the percentile bootstrap of :func:`bootstrap_ci` (same
     resamples for the same ``seed``, nan resamples dropped), computed here in vectorised
     form. ``n`` is the number of samples (images) the metric was computed on.
+
+    ``groups`` (patient per sample): the CI resamples **patients**, stratified by class
+    (``bootstrap_ci(..., groups=groups, stratify=y_true)``: positive patients -- any
+    positive image -- and negative patients are drawn separately, so every resample has
+    both classes when the data has).
     """
     check_boot_args(n_boot, alpha)
     y = as_binary(y_true, "y_true")
@@ -160,7 +169,11 @@ def diagnostic_rows(
     point["auc"] = roc_auc(y, s) if n else float("nan")
 
     boot: dict[str, list[np.ndarray]] = {k: [] for k in point}
-    if n and n_boot:
+    if n and n_boot and groups is not None:
+        for key, vals in _cluster_boot(y[:, None], s[:, None], pred[:, None], groups,
+                                       n_boot, seed).items():
+            boot[key] = [vals[:, 0]]
+    elif n and n_boot:
         for idx in resample_indices(n, n_boot, seed):
             yb, pb = y[idx], pred[idx]
             tp = np.sum(yb & pb, axis=1).astype(np.float64)
@@ -184,6 +197,39 @@ def diagnostic_rows(
     return rows
 
 
+def _cluster_boot(y: np.ndarray, s: np.ndarray, pred: np.ndarray, groups: ArrayLike,
+                  n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-resample metrics (n_boot, F) of the class-stratified patient bootstrap.
+
+    ``y``, ``pred`` (N, F) bool, ``s`` (N, F) scores. Patients are stratified by "any
+    positive image for any finding" (:func:`~xcam_assets.stats.make_clusters`); each
+    resample is given as patient counts, so confusion counts are count-weighted per-patient
+    sums and the AUC the count-weighted Mann-Whitney statistic
+    (:func:`~xcam_assets.stats.weighted_auc`): the values of the resample's images taken
+    one by one, as :func:`~xcam_assets.stats.bootstrap_ci` would compute them.
+    """
+    clusters = make_clusters(groups, stratify=y)
+    n, n_f = y.shape
+    if clusters.codes.size != n:
+        raise ValueError(f"groups has {clusters.codes.size} rows, y_true has {n}")
+    per_patient = {}
+    for name, cell in (("tp", y & pred), ("fp", ~y & pred), ("tn", ~y & ~pred),
+                       ("fn", y & ~pred)):
+        per_patient[name] = np.stack(
+            [np.bincount(clusters.codes, weights=cell[:, f].astype(np.float64),
+                         minlength=clusters.n_clusters) for f in range(n_f)], axis=1)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in (*CONFUSION_METRICS, "auc")}
+    for draws in cluster_draws(clusters, n_boot, seed, max_width=n):
+        counts = clusters.counts(draws)  # (B, G)
+        c = {k: counts @ v for k, v in per_patient.items()}  # (B, F)
+        for key, val in _metrics_from_counts(c["tp"], c["fp"], c["tn"], c["fn"]).items():
+            out[key].append(val)
+        weights = counts[:, clusters.codes]  # (B, N)
+        out["auc"].append(np.stack([weighted_auc(weights, y[:, f], s[:, f])
+                                    for f in range(n_f)], axis=1))
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+
+
 def macro_diagnostic_rows(
     y_true: ArrayLike,
     scores: ArrayLike,
@@ -191,6 +237,7 @@ def macro_diagnostic_rows(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: ArrayLike | None = None,
 ) -> list[dict[str, Any]]:
     """Macro-averaged diagnostic metrics of a multi-label model, with bootstrap CIs.
 
@@ -202,6 +249,11 @@ def macro_diagnostic_rows(
     findings, from the same seeded stream as :func:`diagnostic_rows`, and takes percentiles
     of the macro average. ``n`` is the number of images. Rows in the order of
     :func:`diagnostic_rows`.
+
+    ``groups`` (patient per image): the CI resamples patients instead, jointly for all
+    findings, stratified by "any positive image for any finding" (one stratification for
+    the joint resample; a rare finding may still miss from a resample, which the
+    ``nanmean`` then skips).
     """
     check_boot_args(n_boot, alpha)
     y = np.asarray(y_true)
@@ -220,7 +272,13 @@ def macro_diagnostic_rows(
             point[m].append(cm[m])
         point["auc"].append(roc_auc(ys[:, f], s[:, f]) if n else float("nan"))
     boot: dict[str, list[np.ndarray]] = {k: [] for k in point}
-    if n and n_boot:
+    if n and n_boot and groups is not None:
+        for key, vals in _cluster_boot(ys, s, pred, groups, n_boot, seed).items():
+            with np.errstate(invalid="ignore"):
+                counts = np.sum(~np.isnan(vals), axis=1)
+                sums = np.nansum(vals, axis=1)
+            boot[key] = [np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)]
+    elif n and n_boot:
         for idx in resample_indices(n, n_boot, seed):
             per: dict[str, list[np.ndarray]] = {k: [] for k in point}
             for f in range(n_f):

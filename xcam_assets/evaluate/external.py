@@ -4,7 +4,8 @@ Regulators ask how a model performs on data from a site it never saw. Batches de
 external (`batch.yaml`, see `xcam_assets.ingest.batch_meta`) never enter the split; here
 each architecture's checkpoint, unchanged, predicts them, and the diagnostic metrics are
 computed at the threshold chosen on the internal validation split (as for the test split),
-per finding and within each view, with bootstrap CIs. Rows carry `split = external`.
+per finding and within each view, with bootstrap CIs that resample the external
+patients (stratified by class). Rows carry `split = external`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import polars as pl
 
 from xcam_assets.atomic import atomic_write_parquet
 from xcam_assets.config import Settings
-from xcam_assets.evaluate.tables import diagnostic_table, to_frame, view_auc_rows
+from xcam_assets.evaluate.tables import CI_PATIENTS, diagnostic_table, to_frame, view_auc_rows
 from xcam_assets.ingest.stage import union_inventory
 from xcam_assets.preprocess.store import load_tensor_set
 from xcam_assets.train.checkpoint import load_trained_model, read_sidecar
 from xcam_assets.train.loop import predict_logits
+from xcam_assets.train.stage import precision_for
 from xcam_assets.train.zoo import pick_device
 
 SPLIT = "external"
@@ -50,11 +52,14 @@ def score_external(settings: Settings, log: Callable[[str], None] = print) -> Ex
         y = cohort.select([f"y_{f}" for f in settings.findings]).to_numpy()
         views = dict(union_inventory(settings).select("image_key", "view_position").iter_rows())
         n_boot = int(settings.profile["n_boot"])
+        patients = dict(cohort.select("image_key", "patient_key").iter_rows())
         device = pick_device()
         for arch in settings.architectures:
             model = load_trained_model(settings, arch, device)
             hashes[arch] = _weights_sha256(settings, arch)
-            prob = 1.0 / (1.0 + np.exp(-predict_logits(model, images, device=device)))
+            precision = precision_for(settings, arch, device)  # as the internal predictions
+            prob = 1.0 / (1.0 + np.exp(-predict_logits(model, images, device=device,
+                                                        precision=precision)))
             ext = pl.concat([pl.DataFrame({
                 "image_key": keys, "split": SPLIT, "finding": finding,
                 "label": y[:, k].astype(np.int8), "probability": prob[:, k].astype(np.float64)})
@@ -64,11 +69,11 @@ def score_external(settings: Settings, log: Callable[[str], None] = print) -> Ex
                    .filter(pl.col("split") == "val"))
             preds = pl.concat([val, ext.select(val.columns)])
             rows += diagnostic_table(arch, preds, n_boot=n_boot, seed=settings.seed,
-                                     split=SPLIT)
+                                     split=SPLIT, patients=patients)
             rows += view_auc_rows(arch, preds, views, settings.findings[0], n_boot=n_boot,
-                                  seed=settings.seed, split=SPLIT)
+                                  seed=settings.seed, split=SPLIT, patients=patients)
             log(f"{arch}: scored {len(keys)} external image(s)")
-    long = to_frame(rows, split=SPLIT)
+    long = to_frame(rows, split=SPLIT, ci_method=CI_PATIENTS)
     path = out / "metric_table.parquet"
     atomic_write_parquet(path, long)
     return ExternalOutcome(long=long, path=path, n_images=len(keys), weights_sha256=hashes)

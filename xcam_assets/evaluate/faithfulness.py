@@ -19,6 +19,15 @@ Conventions
   deletion/insertion AUC and masked-out area in [0, 1].
 * **Heatmap order**: pixels (or regions) sorted by relevance, highest first; ties keep
   row-major order (a stable sort), so every ordering is deterministic.
+* **AOPC regions**: by default a ``grid x grid`` block grid, ``grid = 9``
+  (:func:`grid_tiles`): the AOPC study (MISSION.md, study 5) perturbed 34x34 px regions of
+  the COVID-19 Radiography Database's 299x299 px images, i.e. ``ceil(299 / 34) = 9`` blocks
+  per side, 81 regions. A grid keeps that partition at every input size (224 px: blocks of
+  24-25 px; 128 px: 14-15 px), where a fixed 34 px side scaled from 224 px gave a 7x7 grid
+  (49 regions). ``L`` (the number of perturbation steps) defaults to every region; CPU
+  profiles cap it. The table records the grid and ``L`` beside the value (rows
+  ``aopc_grid`` and ``aopc_steps``, :func:`faithfulness_values`). Square tiles of a given
+  side (``region``) remain available (``aopc: {grid: null, region_px: 34}``).
 * Perturbation paths are evaluated **batched**: every point ``x_k`` of every image's path
   is one row of a flat list, cut into forward batches of ``batch_size`` rows across image
   boundaries, so ``N * P`` points cost ``ceil(N * P / batch_size)`` forward calls
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -51,6 +60,7 @@ __all__ = [
     "curve_auc",
     "faithfulness_values",
     "deletion_scores",
+    "grid_tiles",
     "insertion_scores",
     "masked_out_area",
     "masked_out_areas",
@@ -59,6 +69,7 @@ __all__ = [
     "path_predictions",
     "pixel_ranks",
     "region_size_px",
+    "region_tiles",
     "road_scores",
     "tile_order",
     "tile_ranks",
@@ -133,31 +144,60 @@ def region_size_px(image_size: int, region_px: int = 34, reference_size: int = 2
     return max(1, int(round(region_px * image_size / reference_size)))
 
 
-def tile_order(heatmap: np.ndarray, region: int) -> list[tuple[int, int, int, int]]:
+Tile = tuple[int, int, int, int]
+
+
+def region_tiles(shape: tuple[int, ...], region: int) -> list[Tile]:
     """Non-overlapping ``region x region`` tiles from the top-left corner (edge tiles are
-    cut at the border), most relevant first: ``[(r0, r1, c0, c1), ...]``, max exclusive.
+    cut at the border), in row-major order: ``[(r0, r1, c0, c1), ...]``, max exclusive."""
+    if region < 1:
+        raise ValueError("region must be >= 1 px")
+    height, width = int(shape[0]), int(shape[1])
+    return [(r0, min(r0 + region, height), c0, min(c0 + region, width))
+            for r0 in range(0, height, region) for c0 in range(0, width, region)]
+
+
+def grid_tiles(shape: tuple[int, ...], grid: int) -> list[Tile]:
+    """A ``grid x grid`` block grid in row-major order: row edges ``floor(i * H / grid)``
+    and column edges ``floor(j * W / grid)``, ``i, j = 0..grid`` (blocks differ by at most
+    one pixel; 64 px at grid 9: eight 7 px blocks and a last one of 8 px)."""
+    height, width = int(shape[0]), int(shape[1])
+    if grid < 1 or grid > min(height, width):
+        raise ValueError(f"grid must be in [1, {min(height, width)}] for a {shape} image")
+    rows = [i * height // grid for i in range(grid + 1)]
+    cols = [j * width // grid for j in range(grid + 1)]
+    return [(rows[i], rows[i + 1], cols[j], cols[j + 1])
+            for i in range(grid) for j in range(grid)]
+
+
+def _tiles(shape: tuple[int, ...], region: int | None, grid: int | None) -> list[Tile]:
+    if (region is None) == (grid is None):
+        raise ValueError("give exactly one of region (tile side, px) and grid (blocks per side)")
+    return grid_tiles(shape, int(grid)) if grid is not None else region_tiles(shape, int(region))
+
+
+def tile_order(heatmap: np.ndarray, region: int | None = None,
+               grid: int | None = None) -> list[Tile]:
+    """The tiles, most relevant first: ``[(r0, r1, c0, c1), ...]``, max exclusive; either
+    ``region x region`` tiles (:func:`region_tiles`) or a ``grid x grid`` block grid
+    (:func:`grid_tiles`).
 
     A tile's relevance is its **mean** heatmap value (equal to the sum's order when every
     tile is full-size, as in Samek et al. 2017; the mean does not penalise the smaller edge
     tiles); ties keep row-major tile order.
     """
     h = np.asarray(heatmap, dtype=np.float64)
-    if region < 1:
-        raise ValueError("region must be >= 1 px")
-    tiles, scores = [], []
-    for r0 in range(0, h.shape[0], region):
-        for c0 in range(0, h.shape[1], region):
-            r1, c1 = min(r0 + region, h.shape[0]), min(c0 + region, h.shape[1])
-            tiles.append((r0, r1, c0, c1))
-            scores.append(h[r0:r1, c0:c1].mean())
+    tiles = _tiles(h.shape, region, grid)
+    scores = [h[r0:r1, c0:c1].mean() for r0, r1, c0, c1 in tiles]
     order = np.argsort(-np.asarray(scores), kind="stable")
     return [tiles[i] for i in order]
 
 
-def tile_ranks(heatmap: np.ndarray, region: int) -> np.ndarray:
+def tile_ranks(heatmap: np.ndarray, region: int | None = None,
+               grid: int | None = None) -> np.ndarray:
     """Per pixel, the position of its tile in :func:`tile_order` (0 = perturbed first)."""
     ranks = np.empty(np.shape(heatmap), dtype=np.int64)
-    for j, (r0, r1, c0, c1) in enumerate(tile_order(heatmap, region)):
+    for j, (r0, r1, c0, c1) in enumerate(tile_order(heatmap, region, grid)):
         ranks[r0:r1, c0:c1] = j
     return ranks
 
@@ -257,18 +297,21 @@ def _morf_end(images: np.ndarray, perturbation: str, seed: int, noise_mean: floa
 
 @dataclass
 class PathResult:
-    """Per-image scores of a path metric plus its curves (``(N, P)``) and forward calls."""
+    """Per-image scores of a path metric plus its curves (``(N, P)``) and forward calls;
+    ``params``: the settings the value depends on (AOPC: ``grid``, tiles per side, and
+    ``steps``, the ``L`` of the formula)."""
 
     values: np.ndarray
     curves: np.ndarray
     forward_calls: int
+    params: dict[str, int] = field(default_factory=dict)
 
 
 def morf_aopc(
     predict: Predictor,
     images: np.ndarray,
     heatmaps: np.ndarray,
-    region: int,
+    region: int | None = None,
     steps: int | None = None,
     perturbation: str = "gaussian_noise",
     noise_mean: float = 0.0,
@@ -276,12 +319,15 @@ def morf_aopc(
     fill: float = 0.5,
     seed: int = 0,
     batch_size: int = 64,
+    grid: int | None = None,
 ) -> PathResult:
     """AOPC with most-relevant-first region perturbation, batched.
 
     Definition: :func:`aopc_from_curves` over the MoRF path of each image: ``x_0`` the image,
-    ``x_k`` = ``x_{k-1}`` with the ``k``-th most relevant tile (:func:`tile_order`, side
-    ``region`` px) perturbed, ``k = 1..L``. ``L = steps`` (default: every tile).
+    ``x_k`` = ``x_{k-1}`` with the ``k``-th most relevant tile (:func:`tile_order`: tiles of
+    side ``region`` px, or a ``grid x grid`` block grid; give one) perturbed, ``k = 1..L``.
+    ``L = min(steps, number of tiles)`` (default: every tile). ``params`` of the result:
+    ``{"grid": tiles per side, "steps": L}``.
     Perturbations: ``"gaussian_noise"`` (default; the COVID-19 AOPC study: additive
     Gaussian noise with ``noise_mean`` 0 and ``noise_sd`` 0.1 in [0, 1] intensity units,
     one fixed field per image, :func:`morf_noise`; not clipped, so the perturbation is
@@ -291,15 +337,18 @@ def morf_aopc(
     """
     x, h = _check_batch(images, heatmaps)
     counter = CountingPredictor(predict)
-    if len(x) == 0:
-        return PathResult(np.zeros(0), np.zeros((0, 0)), 0)
-    n_tiles = math.ceil(x.shape[1] / region) * math.ceil(x.shape[2] / region)
+    tiles = _tiles(x.shape[1:], region, grid)
+    n_tiles = len(tiles)
     n_steps = n_tiles if steps is None else min(int(steps), n_tiles)
-    ranks = np.stack([tile_ranks(hm, region) for hm in h])
+    side = int(grid) if grid is not None else math.ceil(x.shape[2] / int(region))
+    params = {"grid": side, "steps": n_steps}
+    if len(x) == 0:
+        return PathResult(np.zeros(0), np.zeros((0, 0)), 0, params)
+    ranks = np.stack([tile_ranks(hm, region, grid) for hm in h])
     end = _morf_end(x, perturbation, seed, noise_mean, noise_sd, fill)
     curves = path_predictions(counter, x, end, ranks, np.arange(n_steps + 1),
                               batch_size=batch_size)
-    return PathResult(aopc_from_curves(curves), curves, counter.calls)
+    return PathResult(aopc_from_curves(curves), curves, counter.calls, params)
 
 
 # --------------------------------------------------------------------------- deletion / insertion
@@ -525,11 +574,15 @@ def faithfulness_values(
 
     ``config`` is the ``evaluate.faithfulness`` section of ``resources/params.yaml``
     (defaults in ``xcam_assets.evaluate.tables.EVALUATE_DEFAULTS``): ``metrics`` picks among
-    ``aopc``, ``deletion``, ``insertion``, ``masked_out_area``, ``road``; the AOPC region is
-    ``region_px`` scaled from ``reference_size`` to the image size
-    (:func:`region_size_px`); ``road.max_images`` caps ROAD (the costly one) to the first
-    images. The caller chooses the images (the metric table uses true positives).
-    Returns metric name -> ``(n,)`` array (nan where undefined).
+    ``aopc``, ``deletion``, ``insertion``, ``masked_out_area``, ``road``; the AOPC regions
+    are a ``aopc.grid x aopc.grid`` block grid (default 9, the AOPC study's grid; module
+    notes), or with ``grid: null`` tiles of ``region_px`` scaled from ``reference_size`` to
+    the image size (:func:`region_size_px`); ``aopc.steps`` is ``L`` (null: every region);
+    ``road.max_images`` caps ROAD (the costly one) to the first images. The caller chooses
+    the images (the metric table uses true positives).
+    Returns metric name -> ``(n,)`` array (nan where undefined); with AOPC also the
+    parameter rows ``aopc_grid`` (tiles per side) and ``aopc_steps`` (``L``), constant
+    arrays, so the table records them beside the value.
     """
     x, h = _check_batch(images, heatmaps)
     wanted = set(config.get("metrics") or [])
@@ -540,11 +593,17 @@ def faithfulness_values(
         return out
     if "aopc" in wanted:
         a = config["aopc"]
-        region = region_size_px(x.shape[-1], int(a["region_px"]), int(a["reference_size"]))
-        out["aopc"] = morf_aopc(predict, x, h, region, steps=a.get("steps"),
-                                perturbation=a["perturbation"],
-                                noise_mean=float(a["noise_mean"]), noise_sd=float(a["noise_sd"]),
-                                fill=float(a["fill"]), seed=seed, batch_size=bs).values
+        grid = a.get("grid")
+        region = None if grid is not None else region_size_px(
+            x.shape[-1], int(a["region_px"]), int(a["reference_size"]))
+        res = morf_aopc(predict, x, h, region, steps=a.get("steps"),
+                        perturbation=a["perturbation"],
+                        noise_mean=float(a["noise_mean"]), noise_sd=float(a["noise_sd"]),
+                        fill=float(a["fill"]), seed=seed, batch_size=bs,
+                        grid=None if grid is None else int(grid))
+        out["aopc"] = res.values
+        out["aopc_grid"] = np.full(len(x), float(res.params["grid"]))
+        out["aopc_steps"] = np.full(len(x), float(res.params["steps"]))
     if "deletion" in wanted:
         d = config["deletion"]
         out["deletion_auc"] = deletion_scores(predict, x, h, steps=int(d["steps"]),

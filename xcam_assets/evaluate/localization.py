@@ -21,6 +21,52 @@ Conventions
   maximum is inside).
 * An **empty region** raises ``ValueError`` in every metric here (Quantus counts an empty
   mask as a pointing-game hit; we refuse to score against nothing).
+
+Blank and degenerate maps (one rule for every metric)
+-----------------------------------------------------
+A **blank** map is a constant one (``max == min``, :func:`is_blank`): e.g. a Grad-CAM map
+whose ReLU wiped out every value (PYLON's caveat for single-logit heads on low-scoring
+images), stored as all zeros. It points nowhere, so it is scored as a **failure** by every
+localization metric: pointing game and point localization accuracy -> miss (not the first
+pixel in row-major order, which may happen to lie in the box), energy pointing game -> 0,
+EHR AUC -> 0, weak localization -> no box, IoU 0, no hit, PYLON IoU -> 0. Likewise a map
+with no value above its baseline (see below; e.g. more than half of the image at the map's
+maximum) carries no evidence above background: energy, EHR AUC, weak localization and
+PYLON IoU give 0. No metric returns ``nan`` for such a map, so every evaluated image stays
+in ``n``. Why a failure and not "undefined": dropping blank maps from some metrics (energy,
+EHR) but not others (pointing game) made ReLU methods look better on exactly the images
+where they failed, and made the metrics' ``n`` differ; a user who looks at a blank map
+learns nothing about where the finding is, which is what the worst score says. The value 0
+(not 0.5) for EHR AUC: EHR AUC has no chance level at 0.5; 0 is what a map with no heat in
+the ground truth gets, the same as its energy share. The table reports the share of blank
+maps as ``blank_map_rate`` (:mod:`xcam_assets.evaluate.tables`).
+
+Normalisation of heat magnitudes (ReLU and no-ReLU maps alike)
+--------------------------------------------------------------
+Stored heatmaps are min-max scaled to [0, 1] per map. For a ReLU method that is
+``max(0, e) / max(e)`` of the evidence ``e``; for a method without ReLU (``-norelu``, EigenCAM,
+PYLON's class map) it is ``(e - min e) / (max e - min e)``, where zero evidence sits at an
+unknown level between 0 and 1 and the negative evidence counts as heat. Metrics that read
+heat *magnitudes* (energy pointing game, EHR AUC, weak localization, PYLON IoU) therefore
+first take the **evidence above the map's median**, ``max(0, h - median(h))``
+(:func:`evidence_map`, ``baseline="median"``, the default), for every map, whatever its
+method. The median is the robust estimate of the background (zero-evidence) level of a
+chest radiograph's heatmap, where the finding covers a minority of the image. The transform
+commutes with any positive affine rescaling, so a ReLU map and a no-ReLU map of the same
+evidence give **the same** energy, EHR AUC, weak-localization box and PYLON IoU whenever
+the evidence's median is >= 0 (e.g. most pixels carry no evidence); a ReLU map with most
+pixels at 0 is left unchanged. Argmax-based metrics (pointing game, point localization
+accuracy) do not depend on it. ``baseline="none"`` gives the literal published definitions
+on the stored map (energy then needs a non-negative map).
+
+Tolerances at a reference resolution
+------------------------------------
+Pixel tolerances of the literature are defined at :data:`REFERENCE_SIZE` = 224 px: TorchRay's
+15 px pointing-game tolerance and the +10 px small-box relaxation of the ImageNet IoU rule.
+:func:`scaled_px` converts them to the stored image size (``px * size / 224``: 8.57 px at
+128 px, 34.3 px at 512 px), so the same geometry gives the same hit at every resolution. The
+table keeps the reference value in the metric name (``pointing_game_tol15px``) and records
+the effective pixel values beside it (:mod:`xcam_assets.evaluate.tables`).
 """
 
 from __future__ import annotations
@@ -35,6 +81,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "REFERENCE_SIZE",
     "Box",
     "FindingLocalization",
     "PointLocalizationResult",
@@ -42,17 +89,25 @@ __all__ = [
     "boxes_to_mask",
     "ehr_auc",
     "energy_pointing_game",
+    "evidence_map",
     "heatmap_argmax",
     "imagenet_iou_threshold",
     "iou_mask",
+    "is_blank",
     "point_localization_accuracy",
     "pointing_game_hit",
+    "pylon_iou",
     "scale_boxes",
+    "scaled_px",
     "weak_localization",
 ]
 
 Box = tuple[float, float, float, float]
 """``(x_min, y_min, x_max, y_max)`` in pixels, max exclusive."""
+
+REFERENCE_SIZE = 224
+"""Image side (px) at which the literature's pixel tolerances are defined (TorchRay's 15 px,
+the ImageNet rule's +10 px): ImageNet-sized inputs."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -81,6 +136,39 @@ def _as_box(box: Sequence[float]) -> tuple[float, float, float, float]:
     if len(vals) != 4:
         raise ValueError(f"a box needs 4 values (x_min, y_min, x_max, y_max), got {box!r}")
     return vals  # type: ignore[return-value]
+
+
+def is_blank(heatmap: ArrayLike) -> bool:
+    """A constant map (``max == min``, e.g. all zeros after a ReLU): no localization at all.
+
+    Every metric here scores it as a failure (module notes, "Blank and degenerate maps").
+    """
+    h = _as_heatmap(heatmap)
+    return bool(h.max() == h.min())
+
+
+def evidence_map(heatmap: ArrayLike, baseline: str | None = "median") -> np.ndarray:
+    """The heat above the map's baseline: ``max(0, h - median(h))`` (``baseline="median"``),
+    or the map itself (``baseline="none"`` / ``None``); float64 ``(H, W)``.
+
+    The comparable normalisation of ReLU and no-ReLU maps (module notes): invariant to any
+    positive affine rescaling of the map, and the identity on a non-negative map whose
+    median is 0.
+    """
+    h = _as_heatmap(heatmap)
+    if baseline is None or baseline == "none":
+        return h.copy()
+    if baseline == "median":
+        return np.maximum(h - float(np.median(h)), 0.0)
+    raise ValueError(f"unknown baseline {baseline!r} (median, none)")
+
+
+def scaled_px(px: float, size: float, reference_size: float = REFERENCE_SIZE) -> float:
+    """A pixel length defined at ``reference_size`` px, at an image of side ``size`` px:
+    ``px * size / reference_size`` (TorchRay's 15 px at 224 px is 8.57 px at 128 px)."""
+    if reference_size <= 0 or size <= 0:
+        raise ValueError("size and reference_size must be > 0")
+    return float(px) * float(size) / float(reference_size)
 
 
 def heatmap_argmax(heatmap: ArrayLike) -> tuple[int, int]:
@@ -171,15 +259,19 @@ def pointing_game_hit(heatmap: ArrayLike, region: ArrayLike, tolerance_px: float
     ground-truth region. With ``tolerance_px > 0`` it is also a hit when some region pixel
     lies at Euclidean distance **strictly less** than ``tolerance_px`` from the maximum
     (TorchRay's ``PointingGame``, Fong et al. 2019, uses ``< tolerance**2`` with
-    ``tolerance=15``; pass ``15`` to reproduce it). ``tolerance_px == 0`` means strictly inside.
+    ``tolerance=15`` at 224 px; pass ``scaled_px(15, size)`` to reproduce it at another
+    size). ``tolerance_px == 0`` means strictly inside.
 
     The maximum location is the first maximal pixel in row-major order (see module notes).
-    Raises ``ValueError`` for an empty region or a shape mismatch.
+    A blank (constant) map is a miss: it has no maximum to point with. Raises
+    ``ValueError`` for an empty region or a shape mismatch.
     """
     h = _as_heatmap(heatmap)
     mask = _as_region(region, h.shape)
     if tolerance_px < 0:
         raise ValueError("tolerance_px must be >= 0")
+    if is_blank(h):
+        return False
     row, col = heatmap_argmax(h)
     if mask[row, col]:
         return True
@@ -251,8 +343,11 @@ def point_localization_accuracy(
     high-accuracy heatmaps", iScience 25:103933): for finding ``c``, the fraction of images
     that have at least one ground-truth box of ``c`` whose heatmap-for-``c`` argmax lies
     inside any box of ``c`` (union of the boxes). Images without a box of ``c`` are skipped
-    for ``c``. The macro average is the unweighted mean over findings; the box-weighted
-    average weights each finding's accuracy by its total number of boxes.
+    for ``c``; a blank map is a miss. The macro average is the unweighted mean over findings;
+    the "box-weighted" average weights each finding's accuracy by its number of **boxed
+    images** (not boxes), as PYLON's official code does (``utils/callbacks.py``:
+    ``weights = len(scores)``, one score per image with a box of the class), i.e. total hits
+    over total boxed (image, finding) pairs. ``n_boxes`` is still reported per finding.
 
     Args:
         images: one ``(heatmaps, boxes)`` pair per image: ``heatmaps`` maps finding ->
@@ -298,7 +393,7 @@ def point_localization_accuracy(
     scored = [r for r in per_finding.values() if r.n_images]
     if scored:
         macro = float(np.mean([r.accuracy for r in scored]))
-        weights = np.array([r.n_boxes for r in scored], dtype=np.float64)
+        weights = np.array([r.n_images for r in scored], dtype=np.float64)
         accs = np.array([r.accuracy for r in scored])
         box_weighted = float(np.sum(accs * weights) / np.sum(weights))
     else:
@@ -307,39 +402,48 @@ def point_localization_accuracy(
 
 
 # --------------------------------------------------------------------------- energy
-def energy_pointing_game(heatmap: ArrayLike, region: ArrayLike) -> float:
+def energy_pointing_game(heatmap: ArrayLike, region: ArrayLike,
+                         baseline: str | None = "median") -> float:
     """Energy-based pointing game: share of heatmap energy inside the ground-truth region.
 
     Definition (Wang et al. 2020, "Score-CAM: Score-weighted visual explanations for
-    convolutional neural networks", CVPR Workshops): ``sum(heatmap[region]) / sum(heatmap)``.
-    Range [0, 1], higher is better. Same value as Quantus' ``RelevanceMassAccuracy`` on a
-    non-negative map.
+    convolutional neural networks", CVPR Workshops): ``sum(heatmap[region]) / sum(heatmap)``,
+    here on the evidence map ``E = evidence_map(heatmap, baseline)`` (default: the heat
+    above the map's median, so ReLU and no-ReLU maps are comparable; module notes). Range
+    [0, 1], higher is better. With ``baseline="none"`` it is the literal definition, the
+    same value as Quantus' ``RelevanceMassAccuracy`` on a non-negative map, and the heatmap
+    must be non-negative (``ValueError`` otherwise).
 
-    The heatmap must be non-negative (``ValueError`` otherwise: clip or min-max scale a
-    signed map first). All-zero heatmap -> ``nan``. Empty region -> ``ValueError``.
+    A blank map, or one with no heat above its baseline, scores 0 (module notes). Empty
+    region -> ``ValueError``.
     """
     h = _as_heatmap(heatmap)
     mask = _as_region(region, h.shape)
-    if np.any(h < 0):
+    if (baseline is None or baseline == "none") and np.any(h < 0):
         raise ValueError("energy_pointing_game needs a non-negative heatmap")
-    total = float(h.sum())
+    if is_blank(h):
+        return 0.0
+    e = evidence_map(h, baseline)
+    total = float(e.sum())
     if total == 0.0:
-        return float("nan")
-    return float(h[mask].sum()) / total
+        return 0.0
+    return float(e[mask].sum()) / total
 
 
 # --------------------------------------------------------------------------- weak localization
-def imagenet_iou_threshold(width: float, height: float) -> float:
-    """ILSVRC localization IoU bar: ``min(0.5, w*h / ((w+10)*(h+10)))`` for a w x h gt box.
+def imagenet_iou_threshold(width: float, height: float, margin: float = 10.0) -> float:
+    """ILSVRC localization IoU bar: ``min(0.5, w*h / ((w+m)*(h+m)))`` for a w x h gt box.
 
     The ImageNet rule (Russakovsky et al. 2015, IJCV 115:211) relaxes the 0.5 IoU bar for
-    small boxes; used for Grad-CAM weak localization (Selvaraju et al. 2017).
+    small boxes; used for Grad-CAM weak localization (Selvaraju et al. 2017). The margin
+    ``m`` is 10 px at :data:`REFERENCE_SIZE`; pass ``scaled_px(10, size)`` at another size.
     """
-    return min(0.5, (width * height) / ((width + 10.0) * (height + 10.0)))
+    return min(0.5, (width * height) / ((width + margin) * (height + margin)))
 
 
 def weak_localization(
-    heatmap: ArrayLike, gt_box: Sequence[float], threshold: float = 0.15
+    heatmap: ArrayLike, gt_box: Sequence[float], threshold: float = 0.15,
+    margin_px: float = 10.0, baseline: str | None = "median",
 ) -> dict[str, Any]:
     """Weakly supervised localization from a heatmap (Grad-CAM protocol).
 
@@ -348,11 +452,13 @@ def weak_localization(
     the largest 8-connected component (``cv2.connectedComponentsWithStats``), and its
     bounding box. Score the box against the ground-truth box by IoU; a ``hit`` when
     ``IoU >= min(0.5, m*n / ((m+10)*(n+10)))`` with ``m x n`` the gt box size in pixels
-    (:func:`imagenet_iou_threshold`), and ``hit_at_05`` when ``IoU >= 0.5``.
+    (:func:`imagenet_iou_threshold`, ``margin_px`` = the rule's 10 px, scaled by the caller
+    to the image size), and ``hit_at_05`` when ``IoU >= 0.5``.
 
-    Decisions: the heatmap is normalised by its maximum only (no min shift), so negative
-    values never pass; if the maximum is ``<= 0`` there is no component: ``box`` is
-    ``None``, ``iou`` 0.0 and both hits False. Equal-area largest components: the one with
+    Decisions: the map is first reduced to its evidence above ``baseline``
+    (:func:`evidence_map`; default the median, module notes), then normalised by its maximum
+    only (no min shift), so negative values never pass; a blank map, or a maximum ``<= 0``,
+    gives no component: ``box`` is ``None``, ``iou`` 0.0 and both hits False. Equal-area largest components: the one with
     the smallest OpenCV label (first reached in row-major scan) wins. Box IoU is by area
     (:func:`box_iou`) with the predicted box ``(x, y, x + w, y + h)`` (max exclusive).
 
@@ -365,9 +471,11 @@ def weak_localization(
         raise ValueError(f"gt_box {tuple(gt_box)} is empty")
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
-    iou_bar = imagenet_iou_threshold(gx1 - gx0, gy1 - gy0)
+    iou_bar = imagenet_iou_threshold(gx1 - gx0, gy1 - gy0, margin=margin_px)
+    blank = is_blank(h)
+    h = evidence_map(h, baseline)
     peak = float(h.max())
-    if peak <= 0.0:
+    if blank or peak <= 0.0:
         return {"iou": 0.0, "hit": False, "hit_at_05": False, "box": None, "iou_threshold": iou_bar}
     binary = ((h / peak) >= threshold).astype(np.uint8)
     n_labels, _, cc_stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -388,7 +496,8 @@ def weak_localization(
 
 # --------------------------------------------------------------------------- EHR AUC
 def ehr_auc(
-    heatmap: ArrayLike, region: ArrayLike, n_quantiles: int = 11, floor: float = 0.1
+    heatmap: ArrayLike, region: ArrayLike, n_quantiles: int = 11, floor: float = 0.1,
+    baseline: str | None = "median",
 ) -> float:
     """Effective heat ratio AUC (EHR AUC); higher is better.
 
@@ -396,7 +505,10 @@ def ehr_auc(
     InputIBA, Zhang et al. 2021, "Fine-grained neural network explanation by identifying
     input features with predictive information", NeurIPS; used as "EHR AUC" in study 1):
 
-    1. scale the heatmap to [0, 1] by min-max; set values ``< floor`` (0.1) to 0;
+    0. take the evidence map ``evidence_map(heatmap, baseline)`` (default: the heat above
+       the map's median, so ReLU and no-ReLU maps are comparable; module notes;
+       ``baseline="none"`` skips this step: the published procedure);
+    1. scale it to [0, 1] by min-max; set values ``< floor`` (0.1) to 0;
     2. let ``V`` be the scaled values ``>= floor``; for ``q`` in ``linspace(0, 1, n_quantiles)``
        (0, 0.1, ..., 1.0) take ``t_q = min(quantile_q(V), 0.99 * max)``;
     3. ``B_q = {heat >= t_q}``; ``ratio_q = sum(heat over B_q & region) / |B_q|``
@@ -406,9 +518,10 @@ def ehr_auc(
     Ambiguities resolved: quantiles use numpy's default linear interpolation; ``max`` is the
     scaled maximum (1.0), so the cap 0.99 guarantees ``B_q`` is never empty; the reference
     code divides raw 0-255 maps by 255 instead of min-max scaling -- we always min-max
-    scale, as MISSION.md states. A constant heatmap (max == min) carries no localization
-    information and returns ``nan``. Empty region -> ``ValueError``. The result lies in
-    [0, 1] (each ratio is a mean of values <= 1).
+    scale, as MISSION.md states. A blank (constant) heatmap, or an evidence map that is
+    constant, carries no localization information and scores 0 (module notes: a failure,
+    the value of a map with no heat in the ground truth). Empty region -> ``ValueError``.
+    The result lies in [0, 1] (each ratio is a mean of values <= 1).
     """
     h = _as_heatmap(heatmap)
     mask = _as_region(region, h.shape)
@@ -416,9 +529,12 @@ def ehr_auc(
         raise ValueError("n_quantiles must be >= 2")
     if not 0.0 <= floor <= 1.0:
         raise ValueError("floor must be in [0, 1]")
+    if is_blank(h):
+        return 0.0
+    h = evidence_map(h, baseline)
     lo, hi = float(h.min()), float(h.max())
     if hi == lo:
-        return float("nan")
+        return 0.0
     heat = (h - lo) / (hi - lo)
     heat[heat < floor] = 0.0
     values = heat[heat >= floor]
@@ -431,3 +547,31 @@ def ehr_auc(
         inside = heat >= t
         ratios[i] = float(heat_in_region[inside].sum()) / int(np.count_nonzero(inside))
     return float(np.trapezoid(ratios, qs))
+
+
+# --------------------------------------------------------------------------- PYLON IoU
+def pylon_iou(heatmap: ArrayLike, region: ArrayLike, threshold: float = 0.5,
+              baseline: str | None = "median") -> float:
+    """PYLON's IoU: the heatmap thresholded at ``threshold`` of its maximum, IoU with the
+    ground-truth mask (the union of the finding's boxes).
+
+    Definition (Preechakul et al. 2022; the official code, ``utils/localization.py``
+    ``iobb_acc_by_image``: ``seg / seg.max() > 0.5`` (strictly greater), IoU against the
+    canvas of the image's boxes of the class). Here on the evidence map
+    (:func:`evidence_map`, default ``baseline="median"``, module notes): the stored maps are
+    min-max scaled, where the official map is a sigmoid divided by its maximum. The paper
+    turns the IoU into an accuracy (IoU or IoBB > 0.1); we report the IoU itself, in [0, 1],
+    higher is better. A blank map, or one with no heat above its baseline, scores 0. Empty
+    region -> ``ValueError``.
+    """
+    h = _as_heatmap(heatmap)
+    mask = _as_region(region, h.shape)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError("threshold must be in [0, 1)")
+    if is_blank(h):
+        return 0.0
+    e = evidence_map(h, baseline)
+    peak = float(e.max())
+    if peak <= 0.0:
+        return 0.0
+    return float(iou_mask(e / peak > threshold, mask))

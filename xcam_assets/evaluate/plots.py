@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from xcam_assets.evaluate.tables import metric_info
 from xcam_assets.explain.overlays import overlay
-from xcam_assets.stats import resample_indices, roc_auc
+from xcam_assets.stats import resample_rows, roc_auc
 
 __all__ = ["plot_heatmap_montage", "plot_metric_bars", "plot_roc", "roc_band", "roc_points",
            "tpr_at"]
@@ -58,23 +58,26 @@ def tpr_at(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def roc_band(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray, n_boot: int = 1000,
-             seed: int = 0, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+             seed: int = 0, alpha: float = 0.05,
+             groups: np.ndarray | Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise percentile-bootstrap band of the ROC curve's TPR at each FPR in ``grid``.
 
     Images are resampled with replacement (same seeded stream as the diagnostic CIs);
     resamples lacking a class are dropped; the band is the ``alpha/2`` and ``1 - alpha/2``
     quantiles of :func:`tpr_at` over resamples. Returns ``(low, high)``, nan if no resample
-    has both classes.
+    has both classes. With ``groups`` (patient per image) patients are resampled instead,
+    stratified by class as for the diagnostic CIs
+    (:func:`~xcam_assets.stats.resample_rows`).
     """
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     curves = []
-    for block in resample_indices(len(y), n_boot, seed):
-        for idx in block:
-            yb = y[idx]
-            if yb.all() or not yb.any():
-                continue
-            curves.append(tpr_at(*roc_points(yb, s[idx]), grid))
+    for idx in resample_rows(len(y), n_boot, seed, groups=groups,
+                             stratify=None if groups is None else y):
+        yb = y[idx]
+        if yb.all() or not yb.any():
+            continue
+        curves.append(tpr_at(*roc_points(yb, s[idx]), grid))
     if not curves:
         nan = np.full(len(grid), np.nan)
         return nan, nan
@@ -90,8 +93,11 @@ def _png(fig: Figure) -> bytes:
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str,
-             n_boot: int = 1000, seed: int = 0) -> bytes:
-    """ROC curves (one per label, e.g. architecture) with 95% bootstrap bands; PNG bytes."""
+             n_boot: int = 1000, seed: int = 0,
+             groups: np.ndarray | Sequence | None = None) -> bytes:
+    """ROC curves (one per label, e.g. architecture) with 95% bootstrap bands; PNG bytes.
+    ``groups``: the patient of each image (every curve is on the same images, in the same
+    order): the bands then resample patients (:func:`roc_band`)."""
     fig = Figure(figsize=(4.8, 4.4), dpi=90)
     ax = fig.add_subplot()
     grid = np.linspace(0.0, 1.0, 101)
@@ -100,10 +106,10 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str,
         if y.all() or not y.any():
             continue
         fpr, tpr = roc_points(y, s)
-        lo, hi = roc_band(y, s, grid, n_boot=n_boot, seed=seed)
+        lo, hi = roc_band(y, s, grid, n_boot=n_boot, seed=seed, groups=groups)
         line, = ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUC {roc_auc(y, s):.3f})")
         ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
-    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="chance (AUC 0.5)")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (FPR)",
            ylabel="sensitivity (TPR)", title=title)
     ax.legend(loc="lower right", fontsize=8)
@@ -129,6 +135,8 @@ def plot_metric_bars(long: pl.DataFrame, finding: str, metrics: Sequence[str]) -
     ncol = min(len(present), 4)
     nrow = -(-len(present) // ncol)
     width = 0.8 / max(len(methods), 1)
+    labelled: set[str] = set()  # each method named once in the legend, whichever panel
+    colors = {m: f"C{j % 10}" for j, m in enumerate(methods)}
     for p, metric in enumerate(present):
         ax = fig.add_subplot(nrow, ncol, p + 1)
         sub = rows.filter(pl.col("metric") == metric)
@@ -145,15 +153,19 @@ def plot_metric_bars(long: pl.DataFrame, finding: str, metrics: Sequence[str]) -
                 vals.append(v)
                 err_lo.append(max(0.0, v - lo) if np.isfinite(lo) else 0.0)
                 err_hi.append(max(0.0, hi - v) if np.isfinite(hi) else 0.0)
+            if not xs:
+                continue
             ax.bar(xs, vals, width=width, yerr=[err_lo, err_hi], capsize=2,
-                   label=method if p == 0 else None)
+                   color=colors[method], label=None if method in labelled else method)
+            labelled.add(method)
         lo_r, hi_r, better = metric_info(metric)
         ax.set_xticks(range(len(archs)), archs, rotation=20, fontsize=7)
         ax.set_title(f"{metric} ({better} better)" if better else metric, fontsize=8)
         ax.set_ylim(min(lo_r, 0.0) if lo_r < 0 else 0.0, hi_r)
         ax.axhline(0, color="black", lw=0.5)
         ax.tick_params(axis="y", labelsize=7)
-    fig.legend(loc="outside lower center", ncol=min(len(methods), 6), fontsize=7)
+    fig.legend(loc="outside lower center", ncol=min(len(methods), 6), fontsize=7,
+               title="CAM method", title_fontsize=7)
     fig.suptitle(f"{finding}: heatmap metrics (95% bootstrap CI)", fontsize=9)
     return _png(fig)
 

@@ -14,8 +14,9 @@ version recorded in the event log; a folder's recorded manifest
 ($DAGSTER_HOME/manifests, or the DVC cache) names the file that differs. Each raw DICOM
 is re-hashed (sha256) and compared with the sha256 the inventory recorded at ingest.
 Errors (exit 1): a mismatch, a missing output, a failed blocking check, a step never
-materialized. Warnings: a dependency re-materialized since (stale), a version DVC has not
-committed, a run without xcam provenance tags.
+materialized. Warnings: a dependency re-materialized since with another data version
+(stale; one re-materialized to the same version is noted in its step, not warned about),
+a version DVC has not committed, a run without xcam provenance tags.
 """
 
 from __future__ import annotations
@@ -98,9 +99,12 @@ def metadata_json(metadata: dict[str, Any]) -> dict[str, Any]:
             raw = str(raw)
         if isinstance(raw, str) and "data:image" in raw:
             raw = "[inline image: see the Dagster UI]"
+        if isinstance(value, dg.TableMetadataValue):  # e.g. metric_tables' scorecard
+            raw = {"columns": [c.name for c in value.schema.columns],
+                   "records": [dict(r.data) for r in value.records]}
         try:
             json.dumps(raw)
-        except TypeError:
+        except Exception:  # noqa: BLE001 - TypeError, or a @record that refuses iteration
             raw = str(raw)
         out[name] = raw
     return out
@@ -274,9 +278,16 @@ class Auditor:
         recorded = tags.get(DATA_VERSION_TAG)
         if not rtags.get(TAG_HOST):
             report.problem("warning", sid, f"run {record.run_id} has no xcam provenance tags")
+        latest_version = (latest.event_log_entry.asset_materialization.tags or {}).get(
+            DATA_VERSION_TAG) if latest is not None else recorded
         if latest is not None and latest.storage_id != record.storage_id:
-            report.problem("warning", sid, f"{sid} was re-materialized (run "
-                           f"{latest.run_id}) after its consumer used version {recorded}")
+            if latest_version != recorded:
+                report.problem("warning", sid, f"{sid} was re-materialized (run "
+                               f"{latest.run_id}, version {latest_version}) after its "
+                               f"consumer used version {recorded}")
+            else:  # the same data again: what the consumer used is still current
+                step["rematerialized_same_version"] = {"run_id": latest.run_id,
+                                                       "storage_id": latest.storage_id}
         params = json.loads(rtags[TAG_PARAMS]) if TAG_PARAMS in rtags else None
         step.update({
             "status": "materialized",
