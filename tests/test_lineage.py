@@ -11,6 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from xcam_assets.config import load_settings
@@ -20,6 +21,7 @@ from xcam_assets.orchestrate import STAGES, StageFailed, _run, materialize_all, 
 from xcam_assets.project import XcamProject
 from xcam_assets.train.checkpoint import load_checkpoint
 from xcam_assets.train.loop import predict_logits
+from xcam_assets.train.precision import Precision, resolve_precision
 from xcam_assets.train.zoo import build_model
 
 
@@ -89,7 +91,12 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
 
     keys, x_te, y_te, regions_te = split_arrays(s, "test")
     assert keys == test_preds["image_key"].to_list()
-    prob = 1 / (1 + np.exp(-predict_logits(model, x_te)[:, 0]))
+    # in the precision the heatmap set records (auto: the checkpoint's, on this machine)
+    hm_side = json.loads((s.heatmaps_dir / arch / "heatmaps.json").read_text())
+    used = Precision(hm_side["precision"], hm_side["memory_format"] == "channels_last")
+    assert used.record() == {k: sidecar[k] for k in ("precision", "memory_format")}
+    assert used == resolve_precision(s.precision, model, torch.device("cpu"))
+    prob = 1 / (1 + np.exp(-predict_logits(model, x_te, precision=used)[:, 0]))
     np.testing.assert_allclose(prob, test_preds["probability"].to_numpy(), atol=1e-5)
 
     # heatmaps: input size, [0, 1]
@@ -120,13 +127,35 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
     hits = []
     for i in range(len(keys)):
         region = regions_te[i, 0] > 0
-        if region.any():
+        if region.any():  # a blank (constant) map is a miss
             r, c = np.unravel_index(np.argmax(maps[i, 0]), maps[i, 0].shape)
-            hits.append(bool(region[r, c]))
+            hits.append(bool(region[r, c]) and maps[i, 0].max() > maps[i, 0].min())
     assert value("pointing_game", "gradcam") == pytest.approx(np.mean(hits), abs=1e-12)
     auc_row = table.filter(pl.col("metric") == "auc")
     assert auc_row["ci_low"][0] <= auc_row["value"][0] <= auc_row["ci_high"][0]
     assert (s.metrics_dir / "comparison.csv").exists()
+    # the scorecard: CSV, table metadata in the UI, the standalone report, the printout
+    card = pl.read_csv(s.metrics_dir / "scorecard.csv", infer_schema=False)
+    assert card.height >= 1 and card.columns[:3] == ["architecture", "cam_method", "auc"]
+    mat = instance.get_latest_materialization_event(
+        dg.AssetKey("metric_tables")).asset_materialization
+    meta = mat.metadata["scorecard"]
+    assert isinstance(meta, dg.TableMetadataValue)
+    assert [c.name for c in meta.schema.columns] == card.columns
+    assert [r.data["cam_method"] for r in meta.records] == card["cam_method"].to_list()
+    report = (s.metrics_dir / "report.html").read_text()
+    assert card["auc"][0] in report and "data:image/png;base64," in report
+    assert "src='http" not in report and 'src="http' not in report
+    from xcam_assets.cli import main as xcam_main
+    from xcam_assets.evaluate.report import terminal_summary
+
+    xcam_main(["report", "--out", str(s.root / "reports" / "study.html")])
+    full = (s.root / "reports" / "study.html").read_text()
+    assert "metrics_in_range" in full and card["auc"][0] in full  # the metric table's check
+    summary = terminal_summary(s, width=120)
+    table_part = summary.split("full metric table")[0]
+    assert max(len(line) for line in table_part.splitlines()) <= 120
+    assert str(s.metrics_dir / "metric_table.parquet") in summary
 
     # every configured method has every localization metric; energy pointing game recomputed
     for method in s.profile["cam_methods"]:
@@ -134,9 +163,11 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
         assert {"pointing_game", "pointing_game_tol15px", "point_localization_accuracy",
                 "energy_pointing_game", "ehr_auc", "weak_localization_iou",
                 "weak_localization_hit", "weak_localization_hit_iou50"} <= names, method
+    # energy of the heat above each map's median; a map with none (e.g. blank) scores 0
     m64 = maps.astype(np.float64)
-    energy = [m64[i, 0][regions_te[i, 0] > 0].sum() / m64[i, 0].sum()
-              for i in range(len(keys)) if regions_te[i, 0].any() and maps[i, 0].sum() > 0]
+    ev = np.maximum(m64[:, 0] - np.median(m64[:, 0], axis=(1, 2), keepdims=True), 0.0)
+    energy = [ev[i][regions_te[i, 0] > 0].sum() / ev[i].sum() if ev[i].sum() > 0 else 0.0
+              for i in range(len(keys)) if regions_te[i, 0].any()]
     assert value("energy_pointing_game", "gradcam") == pytest.approx(np.mean(energy), abs=1e-9)
     # faithfulness on true positives (first 4 in key order): AOPC recomputed step by step
     from aopc_reference import morf_aopc_stepwise
@@ -149,7 +180,7 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
             assert table.filter((pl.col("metric") == metric)
                                 & (pl.col("cam_method") == "gradcam")).height == 1, metric
         ref = morf_aopc_stepwise(torch_predictor(model, 0), x_te[tp] / 255.0, maps[tp, 0],
-                                 region=10, steps=8, seed=s.seed)
+                                 grid=9, steps=8, seed=s.seed)
         assert value("aopc", "gradcam") == pytest.approx(ref.values.mean(), abs=1e-5)
     for name in ("roc_lesion", "metrics_lesion", f"montage_{arch}"):
         assert (s.metrics_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

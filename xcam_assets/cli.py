@@ -43,13 +43,14 @@ def cmd_materialize(args: argparse.Namespace) -> None:
     from xcam_assets.orchestrate import ORDER, StageFailed, materialize_all, materialize_stage
 
     try:
+        force = getattr(args, "force", False)
         if not args.stages or args.stages == ["all"]:
-            materialize_all()
+            materialize_all(force=force)
         else:
             for stage in args.stages:
                 if stage not in ORDER:
                     raise SystemExit(f"xcam: unknown stage {stage!r} (stages: {', '.join(ORDER)})")
-                materialize_stage(stage)
+                materialize_stage(stage, force=force)
     except StageFailed as exc:
         raise SystemExit(f"xcam: {exc}") from exc
     s = load_settings()
@@ -59,19 +60,49 @@ def cmd_materialize(args: argparse.Namespace) -> None:
                        ("external validation", s.external_scores_dir / "metric_table.parquet")):
         if path.exists():
             print(f"xcam: {name}: {path}")
+    evaluated = not args.stages or args.stages == ["all"] or "evaluate" in args.stages
+    if evaluated and getattr(args, "scorecard", True):
+        print_scorecard(s)
+
+
+def print_scorecard(settings) -> None:
+    """The scorecard as an aligned table, then where the long table, scorecard.csv and
+    report.html are (`xcam_assets.evaluate.report.terminal_summary`)."""
+    from xcam_assets.evaluate.report import terminal_summary
+
+    print(terminal_summary(settings))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """`xcam report [--out PATH]`: the study's standalone HTML report, with the latest
+    result of every check and the data versions the Dagster instance holds now."""
+    from xcam_assets.evaluate.assets import metric_tables
+    from xcam_assets.evaluate.report import write_study_report
+    from xcam_assets.orchestrate import project_instance
+    from xcam_assets.provenance.records import latest_check_results, latest_data_versions
+
+    s = load_settings()
+    if not (s.metrics_dir / "metric_table.parquet").exists():
+        raise SystemExit(f"xcam: no metric table in {s.metrics_dir}: run `xcam materialize`")
+    instance = project_instance(s)
+    out = Path(args.out) if args.out else s.root / "reports" / "report.html"
+    version = next(iter(metric_tables.code_versions_by_key.values()), "")
+    write_study_report(s, out, checks=latest_check_results(instance),
+                       data_versions=latest_data_versions(instance),
+                       checks_note="as recorded in the Dagster instance when the report was made",
+                       code_version=f"metric_tables {version}")
+    print(f"xcam: report: {out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     cmd_demo_cohort(argparse.Namespace(n_images=None, force=False))
-    cmd_materialize(argparse.Namespace(stages=["all"]))
+    cmd_materialize(argparse.Namespace(stages=["all"], scorecard=False))
     s = load_settings()
     if not args.no_dvc:
         _dvc(s, "commit", "--force", "--quiet")
         _dvc(s, "push", "--quiet")
-    table = s.metrics_dir / "comparison.csv"
-    print(f"\nxcam: lineage materialized; metric table at {s.metrics_dir / 'metric_table.parquet'}")
-    if table.exists():
-        print(table.read_text())
+    print("\nxcam: lineage materialized")
+    print_scorecard(s)
 
 
 def batch_dir(settings, name: str) -> Path:
@@ -197,11 +228,17 @@ def ui_command(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
+    """`dagster dev` as a child of this process, which stops it and every process below
+    it (webserver, daemon, code servers, their gRPC servers, run workers) within 5 s of
+    Ctrl-C, SIGTERM or SIGHUP (`xcam_assets.procs.supervise`): `dagster dev` alone may
+    take a minute or more and leave its code servers running."""
+    from xcam_assets.procs import supervise
+
     s = load_settings()
     os.environ.setdefault("DAGSTER_HOME", str(s.root / "dagster_home"))
     command = ui_command(args)
     os.chdir(s.root)
-    os.execv(command[0], command)
+    raise SystemExit(supervise(command))
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -228,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("materialize", help="materialize stages: ingest preprocess splits "
                        "train explain evaluate (default: all)")
     p.add_argument("stages", nargs="*")
+    p.add_argument("--force", action="store_true", help="ingest every batch, not only the new "
+                   "or changed ones")
     p.set_defaults(fn=cmd_materialize)
     p = sub.add_parser("import-tbx11k", help="bring TBX11K PNG + VOC boxes in as a DICOM batch")
     p.add_argument("source")
@@ -251,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="one partition (batch or architecture); default: all")
     p.add_argument("--out", help="output folder (default: reports/audit)")
     p.set_defaults(fn=cmd_audit)
+    p = sub.add_parser("report", help="the study's standalone HTML report (scorecard, plots, "
+                       "montages, checks, provenance): one self-contained file")
+    p.add_argument("--out", help="output file (default: reports/report.html)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("dvc", help="run DVC from its isolated environment")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_dvc)

@@ -45,19 +45,27 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def dvc_tree(root: Path) -> list[dict[str, str]]:
-    """DVC's `.dir` manifest of a folder: [{"md5", "relpath"}] sorted by relpath."""
-    root = Path(root)
-    entries = []
+def _tree_files(root: Path) -> Iterable[Path]:
+    """The files a folder's DVC manifest lists (symlinks followed, temp files not)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         for name in filenames:
-            if is_temp_name(name):
-                continue  # a writer's temporary file (.dvcignore: `.*.tmp`)
-            path = Path(dirpath) / name
-            entries.append({"md5": md5_file(path),
-                            "relpath": path.relative_to(root).as_posix()})
+            if not is_temp_name(name):  # a writer's temporary file (.dvcignore: `.*.tmp`)
+                yield Path(dirpath) / name
+
+
+def dvc_tree(root: Path) -> list[dict[str, str]]:
+    """DVC's `.dir` manifest of a folder: [{"md5", "relpath"}] sorted by relpath."""
+    root = Path(root)
+    entries = [{"md5": md5_file(path), "relpath": path.relative_to(root).as_posix()}
+               for path in _tree_files(root)]
     return sorted(entries, key=lambda e: e["relpath"])
+
+
+def dvc_relpaths(root: Path) -> set[str]:
+    """The relpaths of `dvc_tree(root)`, without reading a byte."""
+    root = Path(root)
+    return {path.relative_to(root).as_posix() for path in _tree_files(root)}
 
 
 def dvc_tree_md5(entries: Iterable[dict[str, str]]) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from xcam_assets.procs import pids_with_env
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DVC = REPO / ".venv-dvc" / "bin" / "dvc"
@@ -161,18 +163,7 @@ class Processes:
         return log
 
     def _leftovers(self) -> list[int]:
-        home = f"DAGSTER_HOME={self.root / 'dagster_home'}".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if home in env:
-                pids.append(int(entry.name))
-        return pids
+        return pids_with_env("DAGSTER_HOME", self.root / "dagster_home")
 
     def stop(self) -> None:
         for proc in self.procs:

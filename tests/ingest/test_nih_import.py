@@ -297,9 +297,11 @@ def test_cli_and_ingest_accept_the_batch(project: Path, source: Path, tmp_path: 
                      & (pl.col("finding") == "Atelectasis"))["boxes"][0].to_list()
     assert box == [pytest.approx({"x_min": 76.678, "y_min": 188.454, "x_max": 120.203,
                                   "y_max": 208.386}, abs=1e-3)]
-    # sex and age are not inventory columns: they travel in the immutable raw copy
+    # sex and age travel in the immutable raw copy; the inventory keeps them coarse only
     raw = pydicom.dcmread(s.raw_dir / "nih" / "00000468_033.dcm")
     assert (raw.PatientSex, raw.PatientAge, raw.ViewPosition) == ("M", "031Y", "PA")
+    row = inv.filter(pl.col("file") == "00000468_033.dcm")
+    assert row.select("patient_sex", "age_band", "view_position").row(0) == ("M", "0-39", "PA")
 
 
 def test_cli_module_is_light() -> None:

@@ -6,8 +6,12 @@ import polars as pl
 from xcam_assets.hashing import dvc_data_version
 from xcam_assets.ingest.cohorts import split_summary
 from xcam_assets.ingest.stage import (
+    INCOMING_STAT_KEY,
+    INCOMING_VERSION_KEY,
     batch_findings,
     copy_batch,
+    incoming_stat,
+    incoming_version,
     inventory_batch,
     split_cohort,
 )
@@ -27,9 +31,13 @@ def raw_dicoms(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Mater
     the machine (a key, another site's data) into the store and its DVC remote."""
     s = xcam.settings()
     batch = context.partition_key
-    dst = s.raw_dir / batch
+    dst, src = s.raw_dir / batch, s.incoming_dir / batch
+    # what arrived, taken before the copy: `xcam materialize ingest` re-runs the batch
+    # only when it changed (xcam_assets.orchestrate.ingest_stale_reason)
+    incoming = {INCOMING_STAT_KEY: incoming_stat(src),
+                INCOMING_VERSION_KEY: incoming_version(src)}
     try:
-        copy = copy_batch(s.incoming_dir / batch, dst, batch)
+        copy = copy_batch(src, dst, batch)
     except FileNotFoundError as exc:
         raise dg.Failure(str(exc)) from exc
     conflicts, links, listing = copy.conflicts, copy.links, copy.listing
@@ -44,12 +52,12 @@ def raw_dicoms(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Mater
                   "unchanged": copy.unchanged,
                   "conflicts": conflicts, "symlinks_not_copied": links,
                   "path": dg.MetadataValue.path(str(dst)),
-                  "bytes": sum((dst / f).stat().st_size for f, _ in listing)},
+                  "bytes": sum((dst / f).stat().st_size for f, _ in listing), **incoming},
         data_version=dg.DataVersion(dvc_data_version(dst)),
     )
 
 
-@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="2",
+@dg.asset(partitions_def=batch_partitions, group_name=GROUP, code_version="3",
           deps=[raw_dicoms], kinds={"polars"}, pool="ingest")
 def dicom_inventory(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.MaterializeResult:
     """One row per file of the batch: pseudonymous keys, header facts, sha256, status.

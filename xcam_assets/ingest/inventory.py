@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from xcam_assets.ingest.deid import key_id, pseudonymise
+from xcam_assets.ingest.demographics import DEMOGRAPHIC_COLUMNS, demographics
 from xcam_assets.ingest.dicom import (
     check_pixels,
     header_from_dataset,
@@ -63,6 +64,8 @@ INVENTORY_SCHEMA = {
     "transfer_syntax_uid": pl.String, "sha256": pl.String, "size_bytes": pl.Int64,
     "photometric_score": pl.Float64, "key_id": pl.String,
     "status": pl.String, "reason": pl.String,
+    # coarse facts for subgroup analyses (`demographics.py`): M/F/O, age band, device maker
+    "patient_sex": pl.String, "age_band": pl.String, "manufacturer": pl.String,
 }
 _HEADER_COLUMNS = ("modality", "body_part", "view_position", "photometric_interpretation",
                    "bits_allocated", "bits_stored", "rows", "columns", "transfer_syntax_uid")
@@ -236,8 +239,8 @@ def scan_file(path: Path, rel: str, batch: str, key: bytes,
     try:
         return _scan_bytes(row, data, rel, key, policy)
     except Exception as exc:  # a check that choked on a value: still one quarantined row
-        for k in (*_HEADER_COLUMNS, "image_key", "patient_key", "study_key",
-                  "photometric_score"):
+        for k in (*_HEADER_COLUMNS, *DEMOGRAPHIC_COLUMNS, "image_key", "patient_key",
+                  "study_key", "photometric_score"):
             row[k] = None
         return _quarantine(row, f"unreadable DICOM (a header or pixel value the reader "
                                 f"cannot interpret): {type(exc).__name__}: "
@@ -266,7 +269,7 @@ def _scan_bytes(row: dict[str, Any], data: bytes, rel: str, key: bytes,
     row.update(image_key=pseudonymise(header.get("sop_instance_uid"), key, prefix="I"),
                patient_key=pseudonymise(header.get("patient_id"), key, prefix="P"),
                study_key=pseudonymise(header.get("study_instance_uid"), key, prefix="S"),
-               **facts)
+               **facts, **demographics(ds))
     reason = malformed or header_reason(header, policy)
     if reason is None and policy.decode:
         reason, score = check_pixels(ds, rel, photometric_check=policy.photometric_check,

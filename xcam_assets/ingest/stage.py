@@ -14,7 +14,7 @@ import polars as pl
 
 from xcam_assets.atomic import atomic_path, atomic_write_parquet, exclusive_lock
 from xcam_assets.config import Settings
-from xcam_assets.hashing import sha256_file
+from xcam_assets.hashing import combine_hashes, dvc_tree_md5, md5_file, sha256_file
 from xcam_assets.ingest.batch_meta import external_batches, read_batch_meta
 from xcam_assets.ingest.cohorts import balanced_subset, patient_split
 from xcam_assets.ingest.deid import pseudonym_key
@@ -46,9 +46,9 @@ def copy_batch(src: Path, dst: Path, batch: str) -> CopyOutcome:
         raise FileNotFoundError(f"batch {batch!r}: neither {src} nor {dst} exists")
     copied, unchanged, conflicts, links = 0, 0, [], []
     if src.is_dir():
-        for path in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path, linked in _batch_files(src):
             rel = path.relative_to(src)
-            if any((src / Path(*rel.parts[:i])).is_symlink() for i in range(1, len(rel.parts) + 1)):
+            if linked:
                 links.append(rel.as_posix())
                 continue
             target = dst / rel
@@ -62,6 +62,44 @@ def copy_batch(src: Path, dst: Path, batch: str) -> CopyOutcome:
                 shutil.copyfile(path, tmp)
             copied += 1
     return CopyOutcome(copied, unchanged, conflicts, links, _file_listing(dst))
+
+
+def _batch_files(src: Path) -> list[tuple[Path, bool]]:
+    """The files of an arrival batch that `copy_batch` considers (dot-named files such as
+    `.complete` left out), each with whether a symbolic link is on its path."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [(path, any((src / Path(*rel.parts[:i])).is_symlink()
+                       for i in range(1, len(rel.parts) + 1)))
+            for path in files for rel in [path.relative_to(src)]]
+
+
+#: metadata of a `raw_dicoms` materialization: the arrival batch it copied, by content
+#: (`incoming_version`) and by name, size and mtime (`incoming_stat`, cheap to compare)
+INCOMING_VERSION_KEY = "incoming_version"
+INCOMING_STAT_KEY = "incoming_stat"
+
+
+def incoming_stat(src: Path) -> str:
+    """A digest of the batch's file names, sizes and modification times: equal means
+    unchanged without reading a byte ("" when the folder is absent)."""
+    if not src.is_dir():
+        return ""
+    rows = []
+    for path, linked in _batch_files(src):
+        st = path.lstat()
+        rows.append((path.relative_to(src).as_posix(),
+                     f"{st.st_size}:{st.st_mtime_ns}:{'link' if linked else 'file'}"))
+    return combine_hashes(rows)
+
+
+def incoming_version(src: Path) -> str:
+    """The content version of an arrival batch: the DVC-style md5 manifest hash of the
+    files `copy_batch` copies (a linked path counts by name only; "" when absent)."""
+    if not src.is_dir():
+        return ""
+    return dvc_tree_md5({"relpath": path.relative_to(src).as_posix(),
+                         "md5": "symlink" if linked else md5_file(path)}
+                        for path, linked in _batch_files(src))
 
 
 def ingest_policy(settings) -> IngestPolicy:
