@@ -132,3 +132,19 @@ def test_report_images_of_a_project(project: Path) -> None:
     wide = cv2.imdecode(np.frombuffer(extra[f"{arch}/montage_gradcam"], np.uint8),
                         cv2.IMREAD_UNCHANGED)
     assert wide.shape[1] == 1000  # downscaled
+
+
+def test_montages_are_capped_in_area_and_stored_as_jpeg() -> None:
+    """A tall montage (the NIH study's are 1000 x 6000+) is scaled to the pixel cap and
+    re-encoded as JPEG: the report stays a few MB."""
+    from xcam_assets.evaluate.report import data_uri
+
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 255, (6000, 1000, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", tall)
+    out = downscale_png(buf.tobytes(), 1000, max_pixels=1_500_000, jpeg_quality=80)
+    img = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert out[:2] == b"\xff\xd8" and img.shape[0] * img.shape[1] <= 1_500_000
+    assert abs(img.shape[0] / img.shape[1] - 6.0) < 0.02  # aspect kept
+    assert data_uri(out).startswith("data:image/jpeg;base64,")
+    assert data_uri(buf.tobytes()).startswith("data:image/png;base64,")

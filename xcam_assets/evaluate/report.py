@@ -57,23 +57,42 @@ pre{font-size:11.5px;background:#f6f8fa;padding:8px;overflow:auto}
 
 #: the widest an embedded montage is kept (pixels); wider ones are downscaled
 MAX_IMAGE_WIDTH = 1000
+#: montages are scaled to at most this many pixels and stored as JPEG: a study report of
+#: 4 models x 6 methods stays a few MB (130 MB as full-size PNGs on the NIH study)
+MONTAGE_PIXELS = 1_500_000
 
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(image: bytes) -> str:
+    """A ``data:`` URI for PNG or JPEG bytes (told apart by their magic number)."""
+    kind = "jpeg" if image[:2] == b"\xff\xd8" else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(image).decode("ascii")
 
 
-def downscale_png(png: bytes, max_width: int = MAX_IMAGE_WIDTH) -> bytes:
-    """`png` at most `max_width` pixels wide (area interpolation), else as it is."""
+def downscale_png(png: bytes, max_width: int = MAX_IMAGE_WIDTH,
+                  max_pixels: int | None = None, jpeg_quality: int | None = None) -> bytes:
+    """`png` at most `max_width` pixels wide and `max_pixels` in area (area
+    interpolation), re-encoded as JPEG at `jpeg_quality` when given (montages of
+    radiographs: a tenth of the PNG's size), else as it is when it already fits."""
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.shape[1] <= max_width:
+    if img is None:
         return png
-    h = max(1, round(img.shape[0] * max_width / img.shape[1]))
-    ok, buf = cv2.imencode(".png", cv2.resize(img, (max_width, h), interpolation=cv2.INTER_AREA))
+    h, w = img.shape[:2]
+    scale = min(1.0, max_width / w, (max_pixels / (w * h)) ** 0.5 if max_pixels else 1.0)
+    if scale >= 1.0 and jpeg_quality is None:
+        return png
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    if jpeg_quality is not None:
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    else:
+        ok, buf = cv2.imencode(".png", img)
     return buf.tobytes() if ok else png
 
 
@@ -187,11 +206,13 @@ def report_images(settings: Settings) -> tuple[dict[str, bytes], dict[str, bytes
     for arch in settings.architectures:
         p = plots_dir / f"montage_{arch}.png"
         if p.exists():
-            montages[p.stem] = downscale_png(p.read_bytes())
+            montages[p.stem] = downscale_png(p.read_bytes(), max_pixels=MONTAGE_PIXELS,
+                                             jpeg_quality=85)
     extra: dict[str, bytes] = {}
     for arch in settings.architectures:
         for p in sorted((settings.heatmaps_dir / arch).glob("montage_*.png")):
-            extra[f"{arch}/{p.stem}"] = downscale_png(p.read_bytes())
+            extra[f"{arch}/{p.stem}"] = downscale_png(p.read_bytes(), max_pixels=MONTAGE_PIXELS,
+                                                       jpeg_quality=80)
     return plots, montages, extra
 
 
