@@ -211,6 +211,9 @@ def _check_file(path: Path, data_dir: Path) -> None:
         import torch
 
         torch.load(path, weights_only=True, map_location="cpu")
+    elif name.endswith(".html"):  # the study report: complete when its document closes
+        if not path.read_text().rstrip().endswith("</html>"):
+            raise ValueError("truncated HTML (no closing </html>)")
     elif name.endswith(".md"):
         if not path.read_text().endswith("\n"):
             raise ValueError("markdown does not end with a newline (cut short?)")

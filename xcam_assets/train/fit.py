@@ -99,8 +99,10 @@ class FitOutcome:
 
 
 def val_auc_of(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray,
-               device: torch.device) -> float:
-    return mean_auc(y_val, predict_logits(model, x_val, device=device))
+               device: torch.device, precision: Precision | None = None) -> float:
+    """Mean val AUC in the precision the model trained and is explained in (the one its
+    best epoch was chosen in)."""
+    return mean_auc(y_val, predict_logits(model, x_val, device=device, precision=precision))
 
 
 def seed_summary(runs: Sequence[SeedRun]) -> dict[str, dict[str, float]]:
@@ -172,7 +174,8 @@ def fit_architecture(
                 resume_path=resume_path, fingerprint=fp, deterministic=deterministic,
                 precision=precision)
             model.cpu().to(memory_format=torch.contiguous_format)
-            run = SeedRun(seed=seed, val_auc=val_auc_of(model, x_va, y_va, torch.device("cpu")),
+            run = SeedRun(seed=seed, val_auc=val_auc_of(model, x_va, y_va, torch.device("cpu"),
+                                                        precision),
                           val_loss=result.best_val_loss, best_epoch=result.best_epoch,
                           weights_sha256=state_dict_hash(model), history=result.history,
                           resumed_from_epoch=result.resumed_from_epoch)
