@@ -143,7 +143,8 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
     assert isinstance(meta, dg.TableMetadataValue)
     assert [c.name for c in meta.schema.columns] == card.columns
     assert [r.data["cam_method"] for r in meta.records] == card["cam_method"].to_list()
-    report = (s.metrics_dir / "report.html").read_text()
+    assert not (s.metrics_dir / "report.html").exists()  # not in the versioned outputs
+    report = (s.root / "reports" / "report.html").read_text()
     assert card["auc"][0] in report and "data:image/png;base64," in report
     assert "src='http" not in report and 'src="http' not in report
     from xcam_assets.cli import main as xcam_main

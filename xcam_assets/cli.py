@@ -77,7 +77,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     """`xcam report [--out PATH]`: the study's standalone HTML report, with the latest
     result of every check and the data versions the Dagster instance holds now."""
     from xcam_assets.evaluate.assets import metric_tables
-    from xcam_assets.evaluate.report import write_study_report
+    from xcam_assets.evaluate.report import report_path, write_study_report
     from xcam_assets.orchestrate import project_instance
     from xcam_assets.provenance.records import latest_check_results, latest_data_versions
 
@@ -85,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not (s.metrics_dir / "metric_table.parquet").exists():
         raise SystemExit(f"xcam: no metric table in {s.metrics_dir}: run `xcam materialize`")
     instance = project_instance(s)
-    out = Path(args.out) if args.out else s.root / "reports" / "report.html"
+    out = Path(args.out) if args.out else report_path(s)
     version = next(iter(metric_tables.code_versions_by_key.values()), "")
     write_study_report(s, out, checks=latest_check_results(instance),
                        data_versions=latest_data_versions(instance),

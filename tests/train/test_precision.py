@@ -47,6 +47,9 @@ def test_the_rule_by_hardware_and_family() -> None:
     # a bf16 CPU: bf16 + channels_last, except depthwise families (fp32 + channels_last)
     assert resolve_precision("auto", resnet, CPU, bf16_cpu=True) == Precision("bf16", True)
     assert resolve_precision("auto", lite, CPU, bf16_cpu=True) == Precision("fp32", True)
+    # PYLON-style class-map models stay fp32 + channels_last on the CPU
+    pylon = build_model("pylon_resnet50", ZOO, n_classes=1)
+    assert resolve_precision("auto", pylon, CPU, bf16_cpu=True) == Precision("fp32", True)
     # no bf16 instructions: fp32 + channels_last for every family
     assert resolve_precision("auto", resnet, CPU, bf16_cpu=False) == Precision("fp32", True)
     # CUDA: bf16 + channels_last; explicit settings win over the rule

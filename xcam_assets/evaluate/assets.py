@@ -5,7 +5,7 @@ import polars as pl
 
 from xcam_assets.config import Settings
 from xcam_assets.evaluate.external import score_external
-from xcam_assets.evaluate.report import write_study_report
+from xcam_assets.evaluate.report import report_path, write_study_report
 from xcam_assets.evaluate.seeds import StaleSeeds
 from xcam_assets.evaluate.stage import StaleHeatmaps, evaluate_lineage
 from xcam_assets.explain.assets import heatmap_sets
@@ -31,9 +31,11 @@ def scorecard_table_metadata(card: pl.DataFrame) -> dg.TableMetadataValue:
 
 
 def _write_report(context: dg.AssetExecutionContext, settings: Settings) -> str:
-    """`metrics/report.html` (:mod:`xcam_assets.evaluate.report`) with the checks and
-    data versions the instance holds now; returns its path."""
-    path = settings.metrics_dir / "report.html"
+    """`reports/report.html` (:mod:`xcam_assets.evaluate.report`) with the checks and
+    data versions the instance holds now; returns its path. Outside `data/`: it carries a
+    timestamp and the instance's current check results, so two equal runs would otherwise
+    give `metric_tables` different data versions."""
+    path = report_path(settings)
     write_study_report(settings, path, checks=latest_check_results(context.instance),
                        data_versions=latest_data_versions(context.instance),
                        checks_note=REPORT_CHECKS_NOTE,
@@ -51,7 +53,7 @@ def metric_tables(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Ma
 
     Writes `metrics/metric_table.parquet` (long), `metrics/comparison.csv` (wide),
     `metrics/scorecard.csv` (headline metrics per architecture x method, also the
-    `scorecard` table in the metadata), `metrics/report.html` (the standalone study report)
+    `scorecard` table in the metadata), `reports/report.html` (the standalone study report, not versioned)
     and `metrics/plots/*.png` (ROC curves with CI bands, metric bars with CI whiskers,
     heatmap montages). Every bootstrap CI resamples patients (stratified by class for diagnostic
     metrics); with several training seeds, `<metric>_seed_mean` rows add the mean and

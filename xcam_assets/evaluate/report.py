@@ -284,7 +284,14 @@ def terminal_summary(settings: Settings, width: int | None = None) -> str:
                     scorecard_text(ext, primary, split="external", width=width,
                                    drop_empty_columns=True)]
     out += ["", f"full metric table (long): {path}"]
-    for name, f in (("scorecard", "scorecard.csv"), ("report", "report.html")):
-        if (settings.metrics_dir / f).exists():
-            out.append(f"{name}: {settings.metrics_dir / f}")
+    for name, f in (("scorecard", settings.metrics_dir / "scorecard.csv"),
+                    ("report", report_path(settings))):
+        if f.exists():
+            out.append(f"{name}: {f}")
     return "\n".join(out)
+
+
+def report_path(settings: Settings) -> Path:
+    """Where `metric_tables` and `xcam report` write the study report: `reports/` under
+    the project root, outside the versioned `data/` (the report has a timestamp)."""
+    return settings.root / "reports" / "report.html"
