@@ -177,9 +177,13 @@ def test_no_phi_or_key_in_artifacts_event_log_or_logs(
             + find_in_text("stdout", captured.out, values)
             + find_in_text("stderr", captured.err, values))
     assert not hits, hits[:20]
-    # no header value became a path: new files only under data/ and the Dagster home
+    # no header value became a path: new files only under data/, the Dagster home and the
+    # study report's folder (reports/, outside the versioned data); the report has no PHI
     new = tree(project.parent) - outside
-    assert all(n.startswith(("project/data/", "project/dagster_home/")) for n in new), sorted(
-        n for n in new if not n.startswith(("project/data/", "project/dagster_home/")))[:10]
+    places = ("project/data/", "project/dagster_home/", "project/reports")
+    assert all(n.startswith(places) for n in new), sorted(
+        n for n in new if not n.startswith(places))[:10]
+    report = project / "reports" / "report.html"
+    assert not find_in_text("report", report.read_text(), values)
     assert not [p for p in project.parent.rglob("*xcam-evil*")]
     assert not list(Path("/tmp").glob("xcam-evil*"))
