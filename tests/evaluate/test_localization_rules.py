@@ -41,6 +41,12 @@ from xcam_assets.expectations import validate_frame
 SUITE = Path(__file__).resolve().parents[2] / "resources" / "expectations" / "metric_table.yaml"
 
 
+def _regions(boxes: list[dict], findings: str, size: int = 4) -> np.ndarray:
+    """(N, F, size, size) masks of each image's boxes per finding."""
+    return np.stack([np.stack([boxes_to_mask(d[f], (size, size)) for f in findings])
+                     for d in boxes]).astype(np.uint8)
+
+
 def _rows_of(rows: list[dict], finding: str) -> dict[str, dict]:
     out = {r["metric"]: r for r in rows if r["finding"] == finding}
     assert len(out) == len([r for r in rows if r["finding"] == finding])
@@ -215,10 +221,7 @@ def test_pylon_iou_rows_per_finding_macro_and_image_weighted() -> None:
     maps[2, 1, 0:2, 2:4] = 1.0              # b: the box exactly: IoU 1
     boxes = [{"a": [(2, 0, 4, 2)], "b": []}, {"a": [(0, 0, 2, 2)], "b": []},
              {"a": [], "b": [(2, 0, 4, 2)]}]
-    regions = np.zeros((3, 2, 4, 4), np.uint8)
-    for i, d in enumerate(boxes):
-        for k, f in enumerate("ab"):
-            regions[i, k] = boxes_to_mask(d[f], (4, 4))
+    regions = _regions(boxes, "ab")
     rows = localization_table("net", "m", ["a", "b"], maps, regions, n_boot=200, seed=0,
                               boxes=boxes)
     a, b = _rows_of(rows, "a")["pylon_iou"], _rows_of(rows, "b")["pylon_iou"]
@@ -252,10 +255,7 @@ def test_box_weighted_average_weights_findings_by_boxed_images() -> None:
     maps = np.stack([np.stack([_peak(0, 0), _peak(0, 0)])] * 3)
     boxes = [{"A": images[0][1]["A"], "B": []}, {"A": [], "B": images[1][1]["B"]},
              {"A": [], "B": images[2][1]["B"]}]
-    regions = np.zeros((3, 2, 4, 4), np.uint8)
-    for i, d in enumerate(boxes):
-        for k, f in enumerate("AB"):
-            regions[i, k] = boxes_to_mask(d[f], (4, 4))
+    regions = _regions(boxes, "AB")
     rows = localization_table("net", "m", ["A", "B"], maps, regions, n_boot=50, seed=0,
                               boxes=boxes)
     assert _rows_of(rows, BOX_WEIGHTED)["point_localization_accuracy"]["value"] == \

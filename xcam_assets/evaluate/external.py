@@ -57,7 +57,7 @@ def score_external(settings: Settings, log: Callable[[str], None] = print) -> Ex
         for arch in settings.architectures:
             model = load_trained_model(settings, arch, device)
             hashes[arch] = _weights_sha256(settings, arch)
-            precision = precision_for(settings, arch, device)  # as the internal predictions
+            precision = precision_for(settings, arch, device, model)  # as the internal predictions
             prob = 1.0 / (1.0 + np.exp(-predict_logits(model, images, device=device,
                                                         precision=precision)))
             ext = pl.concat([pl.DataFrame({

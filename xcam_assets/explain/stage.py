@@ -125,7 +125,7 @@ def explain_architecture(settings: Settings, arch: str,
     cfg = ExplainConfig.from_settings(settings)
     device = pick_device()
     model = load_trained_model(settings, arch, device)
-    precision = precision_for(settings, arch, device)
+    precision = precision_for(settings, arch, device, model)
     out = settings.heatmaps_dir / arch
     write_predictions(settings, model, device, out, precision)
     keys, x_te, y_te, _ = split_arrays(settings, "test")

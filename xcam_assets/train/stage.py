@@ -227,14 +227,17 @@ def init_checkpoint_dir(settings: Settings, arch: str) -> Path | None:
     return path
 
 
-def precision_for(settings: Settings, arch: str, device: torch.device) -> Precision:
+def precision_for(settings: Settings, arch: str, device: torch.device,
+                  model: nn.Module | None = None) -> Precision:
     """The precision `arch` trains and explains in under the profile's ``precision``
     setting on `device` (rule: :mod:`xcam_assets.train.precision`; `auto` looks at the
-    built model's convolutions, so a throwaway instance is built)."""
+    model's convolutions: pass the loaded `model`, else a throwaway instance is built)."""
     if settings.precision != "auto":
         return resolve_precision(settings.precision, nn.Identity(), device)
-    probe = build_model(arch, settings.zoo, len(settings.findings), image_size=settings.image_size)
-    return resolve_precision("auto", probe, device)
+    if model is None:
+        model = build_model(arch, settings.zoo, len(settings.findings),
+                            image_size=settings.image_size)
+    return resolve_precision("auto", model, device)
 
 
 def checkpoint_is_current(out: Path, training_fp: str) -> bool:
