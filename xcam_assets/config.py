@@ -35,6 +35,14 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+# training keys a profile may set per architecture (`per_architecture:`)
+PER_ARCHITECTURE_KEYS = frozenset({
+    "recipe", "epochs", "lr", "weight_decay", "plateau_patience", "plateau_factor",
+    "stop_after_reductions", "stop_at_lr", "frozen_bn", "phase1_epochs", "phase1_lr",
+    "two_phase_base", "one_cycle_pct_start", "balance", "augment", "batch_size", "seeds",
+    "resume"})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved parameters for one run: root, data dir, merged params, profile."""
@@ -78,6 +86,27 @@ class Settings:
     @property
     def architectures(self) -> list[str]:
         return list(self.profile["architectures"])
+
+    def training_profile(self, arch: str) -> dict[str, Any]:
+        """The profile as `arch` trains by it: the profile's keys, with the training keys of
+        ``per_architecture: {arch: {...}}`` laid over them (e.g. more epochs for the one
+        pretrained model a study leans on, fewer for a from-scratch contrast). Only training
+        keys may differ per architecture: the image size, findings and splits are the
+        study's, so every model is scored on the same tensors."""
+        table = self.profile.get("per_architecture") or {}
+        unknown_arch = sorted(set(table) - set(self.architectures))
+        if unknown_arch:
+            raise ValueError(f"profile {self.profile_name}: per_architecture names "
+                             f"{unknown_arch}, not in its architectures {self.architectures}")
+        extra = dict(table.get(arch) or {})
+        bad = sorted(set(extra) - PER_ARCHITECTURE_KEYS)
+        if bad:
+            raise ValueError(f"profile {self.profile_name}: per_architecture.{arch} sets {bad}; "
+                             f"only training keys may differ per architecture: "
+                             f"{sorted(PER_ARCHITECTURE_KEYS)}")
+        merged = {k: v for k, v in self.profile.items() if k != "per_architecture"}
+        merged.update(extra)
+        return merged
 
     @cached_property
     def zoo(self) -> dict[str, dict[str, Any]]:

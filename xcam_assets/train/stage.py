@@ -116,7 +116,7 @@ sigmoid output(settings) (multi-label BCE), 1 input channel, {init}. CAM target
 splits: train {n['train']} / val {n['val']} images. Input {settings.image_size} px, CLAHE clip
 {settings.clahe['clip_limit']} tiles {settings.clahe['tile_grid']}.
 
-**Training**: {describe_recipe(recipe)} Batch {settings.profile['batch_size']};
+**Training**: {describe_recipe(recipe)} Batch {settings.training_profile(arch)['batch_size']};
 precision {(precision or LEGACY_CPU).label} (profile `precision: {settings.precision}`); seeds
 {', '.join(str(r.seed) for r in outcome.runs)}; this checkpoint: seed {run.seed}
 (lowest validation loss), best epoch {run.best_epoch} of {len(run.history)}.
@@ -136,7 +136,7 @@ def train_and_save(settings: Settings, arch: str, log: Callable[[str], None] = p
 
     The body of the `checkpoints` asset, also run by every rank of a DDP launch
     (`xcam_assets.train.distributed`), where rank 0 alone writes."""
-    prof = settings.profile
+    prof = settings.training_profile(arch)
     entry = zoo_entry(arch, settings.zoo)
     recipe = recipe_from_profile(prof)
     seeds = seeds_for(prof, settings.seed)
