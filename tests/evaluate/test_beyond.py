@@ -95,7 +95,8 @@ def test_rows_pass_the_suite_and_hold_no_identifier() -> None:
     assert not any("@" in c for c in wide_table(frame).columns)
 
 
-def test_randomization_and_stability_tables_on_a_tiny_cnn() -> None:
+def tiny_case():  # noqa: ANN201 - a test fixture's tuple
+    """A seeded TinyNet, its zoo entry, 6 images (5 patients), labels and a CAM method."""
     torch.manual_seed(0)
     model = TinyNet().eval()
     zoo = {"tiny": {"timm_name": "tiny", "target_layer": "features.2"}}
@@ -104,6 +105,11 @@ def test_randomization_and_stability_tables_on_a_tiny_cnn() -> None:
     y = np.array([[1], [1], [0], [1], [0], [1]])
     groups = np.array(["p1", "p1", "p2", "p3", "p4", "p5"], dtype=object)
     spec = parse_method("gradcam-norelu")
+    return model, zoo, x, y, groups, spec
+
+
+def test_randomization_and_stability_tables_on_a_tiny_cnn() -> None:
+    model, zoo, x, y, groups, spec = tiny_case()
     rows = randomization_table("tiny", spec, model, zoo, x, y, ["a"], CFG["randomization"],
                                50, 0, groups)
     rows += stability_table("tiny", spec, model, zoo, x, y, ["a"], CFG["stability"], 15, 50,

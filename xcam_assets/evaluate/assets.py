@@ -16,7 +16,7 @@ from xcam_assets.project import XcamProject
 from xcam_assets.provenance.records import latest_check_results, latest_data_versions
 
 GROUP = "evaluate"
-METRIC_TABLES_CODE_VERSION = "3"
+METRIC_TABLES_CODE_VERSION = "4"
 REPORT_CHECKS_NOTE = ("metric_tables' own checks run after this report is written: "
                       "`xcam report` (or the UI) shows their result")
 
@@ -55,9 +55,11 @@ def metric_tables(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Ma
     `metrics/scorecard.csv` (headline metrics per architecture x method, also the
     `scorecard` table in the metadata), `reports/report.html` (the standalone study report, not versioned)
     and `metrics/plots/*.png` (ROC curves with CI bands, metric bars with CI whiskers,
-    heatmap montages). Every bootstrap CI resamples patients (stratified by class for diagnostic
+    reliability diagrams, the randomization test, subgroup forest plot, stability and
+    method agreement, heatmap montages). Every bootstrap CI resamples patients (stratified by class for diagnostic
     metrics); with several training seeds, `<metric>_seed_mean` rows add the mean and
-    t-CI over seeds; `metrics/metric_table.json` and the metadata say so (`ci_method`,
+    t-CI over seeds (diagnostic metrics, and localization metrics from each seed model's own
+    heatmaps; not faithfulness); `metrics/metric_table.json` and the metadata say so (`ci_method`,
     `n_boot`)."""
     settings = xcam.settings()
     try:

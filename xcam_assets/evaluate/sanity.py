@@ -34,8 +34,18 @@ Definitions (this module):
   image's regions largely survived the loss of the model's decision layer).
 
 Cost is bounded by the profile (``evaluate.randomization``: ``max_images``, ``n_steps``):
-one heatmap call per step for a few images. The *data randomization test* of the same
-paper (retraining on permuted labels) is not implemented (it needs a second training run).
+one heatmap call per step for a few images.
+
+The **data randomization test** of the same paper (opt-in, ``evaluate.randomization.data``;
+training glue in :mod:`xcam_assets.evaluate.data_randomization`): the same architecture is
+trained by the same recipe on the training split with its label rows randomly permuted
+(:func:`permute_labels`; the val labels too, so model selection sees no real signal), a
+model that can only memorise. Each method's maps of the same test images from the original
+and the permuted-label model are compared (:func:`data_randomization_test`: Spearman and
+SSIM per image, as above); the method **fails** (``data_randomization_test_failed``) when
+the mean Spearman similarity is still ``>= max_spearman``: maps that barely change when the
+labels carry no information do not explain what the model learnt from them. Its cost is a
+second training run per architecture.
 """
 
 from __future__ import annotations
@@ -51,8 +61,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-__all__ = ["RandomizationResult", "cascade_cuts", "parameter_layers", "randomization_test",
-           "randomize_layers", "spearman_similarity", "ssim_similarity"]
+__all__ = ["DataRandomizationResult", "RandomizationResult", "cascade_cuts",
+           "data_randomization_test", "parameter_layers", "permute_labels",
+           "randomization_test", "randomize_layers", "spearman_similarity", "ssim_similarity"]
 
 HeatmapFn = Callable[[nn.Module, np.ndarray], np.ndarray]
 """(model, images (N, H, W) uint8) -> heatmaps (N, H, W) float in [0, 1]."""
@@ -176,3 +187,45 @@ def randomization_test(model: nn.Module, heatmaps: HeatmapFn, images_u8: np.ndar
         del rnd
     return RandomizationResult(layers=list(cuts), lowest=[names[len(names) - c] for c in cuts],
                                spearman=rho, ssim=ssim)
+
+
+# --------------------------------------------------------------------------- data randomization
+def permute_labels(y: np.ndarray, seed: int) -> np.ndarray:
+    """`y` with its rows (images) in a seeded random order: each image gets another image's
+    whole label vector, so every finding keeps its label multiset (prevalence, class balance)
+    and the findings their co-occurrence, while the link between image and label is gone."""
+    y = np.asarray(y)
+    order = np.random.default_rng(int(seed)).permutation(len(y))
+    return y[order]
+
+
+@dataclass
+class DataRandomizationResult:
+    """Per image: the Spearman and SSIM similarity of the original model's map to the
+    permuted-label model's map (nan: blank original map, left out)."""
+
+    spearman: np.ndarray  # (images,)
+    ssim: np.ndarray      # (images,)
+
+    def mean_spearman(self) -> float:
+        """Mean over the images with a finite similarity; nan when there is none."""
+        row = self.spearman[np.isfinite(self.spearman)]
+        return float(row.mean()) if row.size else float("nan")
+
+    def failed(self, max_spearman: float = 0.5) -> bool:
+        """The verdict of the module docstring: the maps survived the labels' permutation."""
+        mean = self.mean_spearman()
+        return bool(np.isfinite(mean)) and mean >= max_spearman
+
+
+def data_randomization_test(original: np.ndarray, permuted: np.ndarray
+                            ) -> DataRandomizationResult:
+    """Compare each image's map of the original model (``original``, (N, H, W)) with the
+    permuted-label model's map of the same image (``permuted``)."""
+    a = np.asarray(original, dtype=np.float32)
+    b = np.asarray(permuted, dtype=np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"maps differ in shape: {a.shape} vs {b.shape}")
+    rho = np.array([spearman_similarity(a[i], b[i]) for i in range(len(a))], dtype=np.float64)
+    ssim = np.array([ssim_similarity(a[i], b[i]) for i in range(len(a))], dtype=np.float64)
+    return DataRandomizationResult(spearman=rho, ssim=ssim)

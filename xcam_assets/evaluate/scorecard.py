@@ -69,6 +69,9 @@ CORE: tuple[Headline, ...] = (
 #: subgroup gaps, named ``<metric>_gap@<attribute>=...``, are not headline columns)
 OPTIONAL: tuple[Headline, ...] = (
     Headline("auc_seed_mean", "AUC seeds"),
+    # heatmap metrics over the seed models' own heatmaps (issue #17 item 5, evaluate/seeds.py)
+    Headline("point_localization_accuracy_seed_mean", "PLA seeds", summary_first=True),
+    Headline("pointing_game_seed_mean", "PG seeds"),
     Headline("ece", "ECE", higher_better=False),
     Headline("randomization_test_failed", "sanity fail", higher_better=False),
     Headline("stability_spearman", "stability"),

@@ -1,28 +1,60 @@
-"""Per-seed predictions for the seed-level statistics of the metric table.
+"""Per-seed models for the seed-level statistics of the metric table.
 
 A profile with ``seeds: N > 1`` trains every seed and keeps each seed's model under
 ``checkpoints/<arch>/seeds/seed-<s>/`` (xcam_assets.train.fit); the checkpoint of record
-(the lowest validation loss) is the one the heatmaps and the bootstrap rows use. Here each
-kept seed model predicts the val and test splits, so the evaluate stage can report every
-diagnostic metric as a mean over seeds with a Student-t 95% CI across seeds
-(:func:`xcam_assets.evaluate.tables.seed_rows`), PYLON's protocol. Heatmap metrics are not
-computed per seed (the explain stage makes heatmaps of the checkpoint of record only).
+(the lowest validation loss) is the one the heatmap sets and the bootstrap rows use. PYLON
+reports every figure as the mean over its 5 seeds with a Student-t 95% CI, so here each
+kept seed model is scored as the checkpoint of record is:
+
+* :func:`seed_predictions`: it predicts the val and test splits, and every **diagnostic**
+  metric gets a ``<metric>_seed_mean`` row (:func:`xcam_assets.evaluate.tables.seed_rows`);
+* :func:`seed_heatmap_values`: it makes its own heatmaps of the boxed test images (the
+  images localization scores) for every configured CAM method, with the explain stage's
+  functions and precision rule, and every **localization** metric
+  (:func:`xcam_assets.evaluate.tables.localization_table`: pointing game, its tolerance
+  variant, energy pointing game, EHR AUC, weak localization, PYLON's point localization
+  accuracy and IoU, blank-map rate) gets a ``<metric>_seed_mean`` row per CAM method
+  (:func:`xcam_assets.evaluate.tables.seed_summary_rows`).
+
+Both kinds of rows carry ``ci_method = t_over_seeds`` and ``n`` = seeds; the plain row
+beside them is the single checkpoint of record with its patient bootstrap CI.
+**Faithfulness metrics (AOPC, deletion / insertion, masked-out area, ROAD) are not
+computed per seed**: they cost hundreds of forward passes per image and seed, so they stay
+single-checkpoint rows; ``metric_table.json`` (``seed_level``) says so. The per-seed
+heatmaps are scored, not stored. Their cost is one CAM pass per seed, method and boxed test
+image (``evaluate.seed_heatmaps`` in resources/params.yaml: ``enabled``, ``max_images``,
+``methods``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
+from torch import nn
 
 from xcam_assets.config import Settings
+from xcam_assets.evaluate.tables import PARAMETERS, localization_table
+from xcam_assets.explain.cams import heatmap_stack, parse_method, reshape_transform_for
+from xcam_assets.explain.stage import ExplainConfig
 from xcam_assets.train.checkpoint import load_checkpoint, read_sidecar
 from xcam_assets.train.loop import predict_logits
-from xcam_assets.train.zoo import build_model, state_dict_hash
+from xcam_assets.train.stage import precision_for
+from xcam_assets.train.zoo import build_model, state_dict_hash, target_layers
+
+#: (cam_method, finding, metric) -> one seed model's value
+SeedValues = dict[tuple[str, str, str], float]
+
+#: what ``metric_table.json`` records when per-seed faithfulness is left out
+FAITHFULNESS_NOT_PER_SEED = (
+    "not computed per seed: AOPC, deletion/insertion AUC, masked-out area and ROAD are "
+    "single-checkpoint rows only (hundreds of forward passes per image and seed)")
 
 
 class StaleSeeds(RuntimeError):
@@ -38,19 +70,16 @@ def trained_seeds(settings: Settings, arch: str) -> list[int]:
     return [int(s) for s in read_sidecar(settings.checkpoints_dir / arch).get("seeds", [])]
 
 
-def seed_predictions(settings: Settings, arch: str, splits: Mapping[str, tuple],
-                     device: torch.device, log: Callable[[str], None] = print
-                     ) -> dict[int, pl.DataFrame]:
-    """Seed -> that seed's model's probabilities on `splits` (name -> the
-    ``split_arrays`` tuple ``(keys, images, labels, regions)``), in the format of the
-    explain stage's ``predictions.parquet``. Empty when the checkpoint was trained with
-    one seed. Each seed model must hash to the ``weights_sha256`` the checkpoint of record
-    lists for it (``seed_runs``), else :class:`StaleSeeds`."""
+def seed_models(settings: Settings, arch: str, device: torch.device
+                ) -> Iterator[tuple[int, nn.Module]]:
+    """(seed, that seed's kept model in eval mode on `device`) for every seed the checkpoint
+    of record lists (``seed_runs``); nothing when it was trained with one seed. Each model
+    must hash to the ``weights_sha256`` listed for it, else :class:`StaleSeeds`: a table
+    must not mix seeds of different trainings."""
     side = read_sidecar(settings.checkpoints_dir / arch)
     runs = side.get("seed_runs") or []
     if len(runs) < 2:
-        return {}
-    out: dict[int, pl.DataFrame] = {}
+        return
     for run in runs:
         seed = int(run["seed"])
         d = seed_dir(settings, arch, seed)
@@ -66,7 +95,18 @@ def seed_predictions(settings: Settings, arch: str, splits: Mapping[str, tuple],
             raise StaleSeeds(f"{arch}: the model in {d} is not seed {seed}'s model of the "
                              "checkpoint of record (weights_sha256 differs): re-materialize "
                              f"checkpoints[{arch}]")
-        model = model.to(device).eval()
+        yield seed, model.to(device).eval()
+
+
+def seed_predictions(settings: Settings, arch: str, splits: Mapping[str, tuple],
+                     device: torch.device, log: Callable[[str], None] = print
+                     ) -> dict[int, pl.DataFrame]:
+    """Seed -> that seed's model's probabilities on `splits` (name -> the
+    ``split_arrays`` tuple ``(keys, images, labels, regions)``), in the format of the
+    explain stage's ``predictions.parquet``. Empty when the checkpoint was trained with
+    one seed; :class:`StaleSeeds` as :func:`seed_models`."""
+    out: dict[int, pl.DataFrame] = {}
+    for seed, model in seed_models(settings, arch, device):
         out[seed] = predictions_frame(model, settings.findings, splits, device)
         del model
         log(f"{arch}: seed {seed} predicted")
@@ -85,3 +125,91 @@ def predictions_frame(model: torch.nn.Module, findings: Sequence[str],
                                         "label": np.asarray(y)[:, k].astype(np.int8),
                                         "probability": prob[:, k].astype(np.float64)}))
     return pl.concat(frames)
+
+
+# --------------------------------------------------------------------------- heatmaps
+def boxed_images(regions: np.ndarray, max_images: int | None = None) -> np.ndarray:
+    """Indices of the test images with a ground-truth region of some finding (the only
+    images localization scores), in test order, the first `max_images` of them (None: all)."""
+    has = np.asarray(regions).reshape(regions.shape[0], regions.shape[1], -1).any(axis=2)
+    idx = np.flatnonzero(has.any(axis=1))
+    return idx if max_images is None else idx[:int(max_images)]
+
+
+def seed_methods(cam_methods: Sequence[str], only: Sequence[str] | None) -> list[str]:
+    """The configured CAM methods scored per seed: all, or those named in `only` (the
+    ``seed_heatmaps.methods`` setting), in the profile's order."""
+    if only is None:
+        return list(cam_methods)
+    wanted = {parse_method(m).name for m in only}
+    return [m for m in cam_methods if parse_method(m).name in wanted]
+
+
+def seed_heatmap_values(settings: Settings, arch: str, model: nn.Module,
+                        methods: Sequence[str], images_u8: np.ndarray, regions: np.ndarray,
+                        boxes: Sequence[Mapping] | None, tolerance_px: int,
+                        weak_threshold: float, batch_size: int, device: torch.device
+                        ) -> SeedValues:
+    """One seed model's localization metrics per CAM method on `images_u8` (boxed test
+    images; `regions` and `boxes` theirs): heatmaps made as the explain stage makes them
+    (:func:`~xcam_assets.explain.cams.heatmap_stack` at the same precision, float16
+    storage form and float32 peaks), scored by
+    :func:`~xcam_assets.evaluate.tables.localization_table` as the checkpoint of record's
+    stored maps are. Only the (image, finding) pairs with a region are computed (the
+    others are not scored). A class-map method on a model without class maps is skipped,
+    as the explain stage skips it. Parameter rows (:data:`PARAMETERS`) are left out."""
+    n_f = len(settings.findings)
+    precision = precision_for(settings, arch, device, model)
+    layers = target_layers(model, arch, settings.zoo)
+    reshape = reshape_transform_for(arch, settings.zoo)
+    only = np.asarray(regions).reshape(len(regions), n_f, -1).any(axis=2)
+    out: SeedValues = {}
+    for method in methods:
+        spec = parse_method(method)
+        if spec.is_class_map and not hasattr(model, "class_maps"):
+            continue
+        peaks = np.zeros((len(images_u8), n_f, 2), dtype=np.int32)
+        maps = heatmap_stack(model, layers, images_u8, spec, n_f, batch_size=batch_size,
+                             reshape_transform=reshape, only=only, peaks=peaks,
+                             precision=precision)
+        rows = localization_table(arch, spec.name, list(settings.findings),
+                                  maps.astype(np.float32), regions, n_boot=0, seed=0,
+                                  tolerance_px=tolerance_px, boxes=boxes,
+                                  weak_threshold=weak_threshold, peaks=peaks)
+        for r in rows:
+            if r["metric"] not in PARAMETERS:
+                out[(spec.name, r["finding"], r["metric"])] = float(r["value"])
+    return out
+
+
+def seed_heatmap_table(settings: Settings, arch: str, images_u8: np.ndarray,
+                       regions: np.ndarray, boxes: Sequence[Mapping] | None,
+                       cfg: Mapping[str, Any], device: torch.device,
+                       log: Callable[[str], None] = print
+                       ) -> tuple[dict[int, SeedValues], dict[str, Any]]:
+    """Every kept seed's localization values (:func:`seed_heatmap_values`) on the boxed
+    test images, and a record of what was scored (images, methods, metrics; no
+    timings) for ``metric_table.json``. `cfg`: the merged ``evaluate`` section (its
+    ``seed_heatmaps``, ``tolerance_px``, ``weak_localization_threshold``). Empty when
+    disabled or when the checkpoint was trained with one seed."""
+    sh = cfg.get("seed_heatmaps") or {}
+    if not sh.get("enabled", True):
+        return {}, {"enabled": False}
+    idx = boxed_images(regions, sh.get("max_images"))
+    methods = seed_methods(settings.profile["cam_methods"], sh.get("methods"))
+    batch = ExplainConfig.from_settings(settings).batch_size
+    box_list = None if boxes is None else [boxes[i] for i in idx]
+    values: dict[int, SeedValues] = {}
+    for seed, model in seed_models(settings, arch, device):
+        t0 = time.perf_counter()
+        values[seed] = seed_heatmap_values(
+            settings, arch, model, methods, images_u8[idx], regions[idx], box_list,
+            int(cfg["tolerance_px"]), float(cfg["weak_localization_threshold"]), batch,
+            device) if len(idx) else {}
+        del model
+        log(f"{arch}: seed {seed} heatmaps scored ({len(idx)} boxed test images, "
+            f"{len(methods)} methods, {time.perf_counter() - t0:.1f}s)")
+    # no timings here: metric_table.json is part of the metrics' data version
+    return values, {"enabled": True, "n_images": int(len(idx)),
+                    "max_images": sh.get("max_images"), "methods": methods,
+                    "metrics": "localization (evaluate.tables.localization_table)"}

@@ -24,10 +24,22 @@ from xcam_assets.evaluate.beyond import (
     subgroup_table,
 )
 from xcam_assets.evaluate.calibration import plot_reliability
+from xcam_assets.evaluate.data_randomization import (
+    PermutedModel,
+    data_config,
+    data_randomization_table,
+    permuted_label_model,
+)
 from xcam_assets.evaluate.faithfulness import faithfulness_values
+from xcam_assets.evaluate.family_plots import family_plots
 from xcam_assets.evaluate.plots import plot_heatmap_montage, plot_metric_bars, plot_roc
 from xcam_assets.evaluate.scorecard import scorecard
-from xcam_assets.evaluate.seeds import seed_predictions, trained_seeds
+from xcam_assets.evaluate.seeds import (
+    FAITHFULNESS_NOT_PER_SEED,
+    seed_heatmap_table,
+    seed_predictions,
+    trained_seeds,
+)
 from xcam_assets.evaluate.tables import (
     CI_PATIENTS,
     CI_SEEDS,
@@ -41,6 +53,7 @@ from xcam_assets.evaluate.tables import (
     parse_boxes,
     patient_groups,
     seed_rows,
+    seed_summary_rows,
     thresholds_from_predictions,
     to_frame,
     view_auc_rows,
@@ -92,9 +105,14 @@ def split_patients(settings: Settings) -> dict[str, str]:
 
 
 def ci_record(n_boot: int, seed: int, roc_n_boot: int, n_images: int, n_patients: int,
-              seeds: dict[str, list[int]]) -> dict[str, Any]:
-    """How the table's CIs were made (`metric_table.json`, the asset's metadata)."""
+              seeds: dict[str, list[int]],
+              seed_heatmaps: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """How the table's CIs were made (`metric_table.json`, the asset's metadata).
+    `seed_heatmaps`: per architecture, what the per-seed heatmap scoring covered
+    (:func:`xcam_assets.evaluate.seeds.seed_heatmap_table`)."""
     multi = {a: s for a, s in seeds.items() if len(s) > 1}
+    heat = {a: r for a, r in (seed_heatmaps or {}).items() if a in multi}
+    scored = any(r.get("enabled") for r in heat.values())
     return {
         "ci_level": 0.95,
         "ci_method": "percentile bootstrap, resampling patients (all images of a drawn "
@@ -112,8 +130,14 @@ def ci_record(n_boot: int, seed: int, roc_n_boot: int, n_images: int, n_patients
         "n_boot": n_boot, "roc_band_n_boot": roc_n_boot, "bootstrap_seed": seed,
         "n_test_images": n_images, "n_test_patients": n_patients,
         "seed_level": ({"method": "Student-t 95% CI over training seeds (PYLON)",
-                        "metrics": f"diagnostic metrics, suffix {SEED_SUFFIX}",
-                        "seeds": multi} if multi else None),
+                        "metrics": "diagnostic metrics"
+                                   + (" and localization metrics per CAM method (each seed's "
+                                      "own heatmaps of the boxed test images)"
+                                      if scored else "")
+                                   + f", suffix {SEED_SUFFIX}",
+                        "seeds": multi,
+                        "heatmaps": heat,
+                        "faithfulness": FAITHFULNESS_NOT_PER_SEED} if multi else None),
         "beyond_accuracy": {  # issue #18 (xcam_assets/evaluate/beyond.py)
             "calibration": "ece / brier (+ _temperature_scaled): patient bootstrap, "
                            "stratified by class",
@@ -126,13 +150,25 @@ def ci_record(n_boot: int, seed: int, roc_n_boot: int, n_images: int, n_patients
     }
 
 
+def _by_key(per_seed: dict[int, dict[tuple[str, str, str], float]]
+            ) -> dict[tuple[str, str, str], list[float]]:
+    """seed -> {key: value} as key -> the values over the seeds (in seed order)."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for seed in sorted(per_seed):
+        for key, value in per_seed[seed].items():
+            out.setdefault(key, []).append(value)
+    return out
+
+
 def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> EvaluateOutcome:
     """Diagnostic metrics (bootstrap 95% CIs, threshold from val; macro rows for several
     findings), heatmap localization metrics (positive test images) and faithfulness metrics
     (true-positive test images, capped per profile) per architecture x CAM method x finding.
     Every bootstrap resamples patients (stratified by class for diagnostic metrics); with
-    several training seeds, diagnostic metrics also get `<metric>_seed_mean` rows (mean and
-    t-CI over seeds).
+    several training seeds, diagnostic metrics and (each seed model's own heatmaps of the
+    boxed test images, `evaluate.seed_heatmaps`) localization metrics per CAM method also
+    get `<metric>_seed_mean` rows (mean and t-CI over seeds; faithfulness is not computed
+    per seed; :mod:`xcam_assets.evaluate.seeds`).
 
     Writes `metrics/metric_table.parquet` (long), `metrics/metric_table.json` (how the CIs
     were made), `metrics/comparison.csv` (wide), `metrics/scorecard.csv` (the headline
@@ -148,6 +184,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     assert groups is not None
     val_arrays: tuple | None = None
     seeds_used: dict[str, list[int]] = {}
+    seed_heat_info: dict[str, dict[str, Any]] = {}
     boxes = _test_boxes(settings, keys)
     inventory = union_inventory(settings)
     views = dict(inventory.select("image_key", "view_position").iter_rows())
@@ -159,6 +196,8 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     roc_inputs: dict[str, dict[str, tuple]] = {f: {} for f in settings.findings}
     montages: dict[str, bytes] = {}
     timings: dict[str, float] = {}
+    data_cfg = data_config(cfg["randomization"])  # issue #18: data randomization (opt-in)
+    permuted: dict[str, PermutedModel] = {}
     for arch in settings.architectures:
         out = settings.heatmaps_dir / arch
         if not (out / "predictions.parquet").exists() or not (out / SIDECAR).exists():
@@ -176,6 +215,11 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
                                         device, log)
             rows += seed_rows(arch, per_seed, views=views, view_finding=settings.findings[0])
             seeds_used[arch] = sorted(per_seed)
+            t0 = time.perf_counter()  # issue #17 item 5: heatmap metrics per seed
+            per_seed_heat, seed_heat_info[arch] = seed_heatmap_table(
+                settings, arch, x_te, regions, boxes, cfg, device, log)
+            rows += seed_summary_rows(arch, _by_key(per_seed_heat))
+            timings[f"{arch}/seed_heatmaps_s"] = round(time.perf_counter() - t0, 2)
         thresholds = thresholds_from_predictions(preds)
         t0 = time.perf_counter()
         cal_rows, curves = calibration_table(arch, preds, settings.findings, cfg["calibration"],
@@ -227,6 +271,20 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
                                             settings.seed, groups)
                 timings[f"{arch}/{spec.name}/randomization_s"] = round(
                     time.perf_counter() - t0, 2)
+            if data_cfg["enabled"]:  # issue #18: data randomization test (a training run)
+                if model is None:
+                    model = load_trained_model(settings, arch, device)
+                if arch not in permuted:
+                    permuted[arch] = permuted_label_model(settings, arch, data_cfg, device, log)
+                    timings[f"{arch}/data_randomization_train_s"] = round(
+                        permuted[arch].train_s, 2)
+                t0 = time.perf_counter()
+                rows += data_randomization_table(
+                    arch, spec, model, permuted[arch].model, settings.zoo, x_te, y_te,
+                    settings.findings, data_cfg, n_boot, settings.seed, groups,
+                    epochs=permuted[arch].record["epochs"])
+                timings[f"{arch}/{spec.name}/data_randomization_s"] = round(
+                    time.perf_counter() - t0, 2)
             if cfg["stability"].get("enabled"):  # issue #18: stability under perturbations
                 t0 = time.perf_counter()
                 if model is None:
@@ -268,7 +326,9 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     atomic_write_parquet(path, long)
     roc_n_boot = min(n_boot, 500)
     ci = ci_record(n_boot, settings.seed, roc_n_boot, len(keys), len(set(groups.tolist())),
-                   seeds_used)
+                   seeds_used, seed_heat_info)
+    if permuted:  # the permuted-label models the data randomization rows rest on
+        ci["data_randomization"] = {a: pm.record for a, pm in permuted.items()}
     atomic_write_json(settings.metrics_dir / "metric_table.json", ci)
     wide = wide_table(long)
     atomic_write_bytes(settings.metrics_dir / "comparison.csv", wide.write_csv().encode())
@@ -289,6 +349,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
             plots[f"reliability_{finding}"] = plot_reliability(
                 reliability[finding], f"{finding}: test calibration",
                 int(cfg["calibration"]["bins"]))
+    plots.update(family_plots(long, settings.findings[0]))
     for arch, png in montages.items():
         plots[f"montage_{arch}"] = png
     for name, png in plots.items():

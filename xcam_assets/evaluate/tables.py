@@ -11,10 +11,12 @@ rests on. Column ``ci_method`` says how the CI was made:
   drawn patient; :mod:`xcam_assets.stats`), stratified by class for the diagnostic metrics
   (a patient is positive when any of their images is), the evaluate stage's CIs;
 * ``bootstrap_images``: the same resampling images (callers that pass no patient ids);
-* ``t_over_seeds``: rows ``<metric>_seed_mean`` (:func:`seed_rows`): the mean over the
-  training seeds of a profile with ``seeds: N > 1`` and its Student-t 95% CI across seeds
-  (clipped to the metric's range); ``n`` is then the number of seeds. The plain
-  ``<metric>`` row beside it is the single checkpoint of record (lowest val loss);
+* ``t_over_seeds``: rows ``<metric>_seed_mean`` (:func:`seed_rows` for the diagnostic
+  metrics, :func:`seed_summary_rows` of :mod:`xcam_assets.evaluate.seeds` for the
+  localization metrics of each CAM method): the mean over the training seeds of a profile
+  with ``seeds: N > 1`` and its Student-t 95% CI across seeds (clipped to the metric's
+  range); ``n`` is then the number of seeds. The plain ``<metric>`` row beside it is the
+  single checkpoint of record (lowest val loss);
 * null: no CI (e.g. ``threshold``).
 
 Patient ids are used only to resample; they are never written into the table.
@@ -118,6 +120,11 @@ METRICS: dict[str, tuple[float, float, str]] = {
     "randomization_spearman": (-1.0, 1.0, "lower"),
     "randomization_ssim": (-1.0, 1.0, "lower"),
     "randomization_test_failed": (0.0, 1.0, "lower"),
+    # data randomization test (opt-in; :mod:`xcam_assets.evaluate.data_randomization`): the
+    # maps of the original vs the permuted-label model, lower = the method reads the labels
+    "data_randomization_spearman": (-1.0, 1.0, "lower"),
+    "data_randomization_ssim": (-1.0, 1.0, "lower"),
+    "data_randomization_test_failed": (0.0, 1.0, "lower"),
     # stability (:mod:`xcam_assets.evaluate.stability`): `<metric>@perturbation=<p>`, and
     # agreement between two CAM methods of one model, `<metric>@with=<other method>`
     "stability_spearman": (-1.0, 1.0, "higher"),
@@ -133,6 +140,8 @@ METRICS: dict[str, tuple[float, float, str]] = {
     "temperature": (0.0, math.inf, "n/a"),
     "randomization_layers": (0.0, math.inf, "n/a"),
     "randomization_max_spearman": (-1.0, 1.0, "n/a"),
+    "data_randomization_max_spearman": (-1.0, 1.0, "n/a"),
+    "data_randomization_epochs": (0.0, math.inf, "n/a"),
     "stability_shift_px": (0.0, math.inf, "n/a"),
     "stability_noise_sd": (0.0, math.inf, "n/a"),
 }
@@ -150,7 +159,8 @@ SUBGROUP_SEP = "@"
 PARAMETERS: tuple[str, ...] = ("pointing_tolerance_px", "small_box_margin_px", "aopc_grid",
                                "aopc_steps", "ece_bins", "temperature", "randomization_layers",
                                "randomization_max_spearman", "stability_shift_px",
-                               "stability_noise_sd")
+                               "stability_noise_sd", "data_randomization_max_spearman",
+                               "data_randomization_epochs")
 
 #: defaults of the `evaluate:` section of resources/params.yaml
 EVALUATE_DEFAULTS: dict[str, Any] = {
@@ -176,6 +186,10 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
                       "max_spearman": 0.5},
     "stability": {"enabled": True, "max_images": 4, "perturbations": ["hflip", "shift", "noise"],
                   "shift_px": 8, "noise_sd": 0.02},
+    # issue #17 item 5: localization metrics of every kept seed model (seeds: N > 1);
+    # max_images caps the boxed test images, methods (null: all) the CAM methods
+    # (:mod:`xcam_assets.evaluate.seeds`)
+    "seed_heatmaps": {"enabled": True, "max_images": None, "methods": None},
 }
 
 
@@ -368,12 +382,27 @@ def seed_rows(arch: str, per_seed: Mapping[int, pl.DataFrame], split: str = "tes
         for r in rows:
             if r["metric"] != "threshold":
                 values.setdefault((r["finding"], r["metric"]), []).append(r["value"])
+    return seed_summary_rows(arch, {(None, f, m): v for (f, m), v in values.items()},
+                             confidence)
+
+
+def seed_summary_rows(arch: str, values: Mapping[tuple[str | None, str, str], Sequence[float]],
+                      confidence: float = 0.95) -> list[dict]:
+    """``<metric>_seed_mean`` rows from per-seed values: ``(cam_method, finding, metric)``
+    -> one value per seed (``cam_method`` None for diagnostic metrics). ``value`` = the mean,
+    ``[ci_low, ci_high]`` = :func:`~xcam_assets.stats.t_confidence_interval` across the
+    seeds clipped to the metric's range, ``n`` = seeds, ``ci_method`` = :data:`CI_SEEDS`.
+    Shared by :func:`seed_rows` and the per-seed heatmap metrics
+    (:mod:`xcam_assets.evaluate.seeds`), so both follow one convention. Keys with fewer than
+    two values give no row (no spread to make a CI from)."""
     out = []
-    for (finding, metric), vals in values.items():
+    for (method, finding, metric), vals in values.items():
+        if len(vals) < 2:
+            continue
         mean, low, high = t_confidence_interval(vals, confidence)
         lo_r, hi_r, _ = metric_info(metric)
         ci = (float(np.clip(low, lo_r, hi_r)), float(np.clip(high, lo_r, hi_r)))
-        row = _row(arch, None, finding, metric + SEED_SUFFIX, mean, ci, len(vals))
+        row = _row(arch, method, finding, metric + SEED_SUFFIX, mean, ci, len(vals))
         out.append({**row, "ci_method": CI_SEEDS})
     return out
 
