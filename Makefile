@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export MALLOC_MMAP_THRESHOLD_ := 17179869184
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
-.PHONY: demo test setup ui lint browser postgres
+.PHONY: demo test setup ui lint browser postgres orthanc
 
 # `exec`: the recipe's shell becomes `xcam ui`, which stops the UI's every process within 5 s
 # of Ctrl-C or of the SIGTERM make passes on (xcam_assets.procs.supervise)
@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/xcam demo
 	exec $(VENV)/bin/xcam ui
 
-test: setup browser postgres
+test: setup browser postgres orthanc
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed
@@ -69,6 +69,18 @@ postgres:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
 	      >/dev/null; \
 	  else echo "postgresql missing and not installable here: the Postgres test will skip"; fi; }
+
+# Orthanc with its DICOMweb plugin (Debian's `orthanc` + `orthanc-dicomweb`) for
+# tests/pacs/, which start a throw-away server of their own on 127.0.0.1 (the package's own
+# service is not used). Installed when missing and we are root; else those tests skip.
+orthanc:
+	@{ command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } && \
+	  ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian orthanc + orthanc-dicomweb for the PACS tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc \
+	      orthanc-dicomweb >/dev/null; \
+	  else echo "orthanc missing and not installable here: the PACS DICOMweb tests will skip"; fi; }
 
 ui: setup
 	exec $(VENV)/bin/xcam ui

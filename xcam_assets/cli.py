@@ -94,6 +94,27 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"xcam: report: {out}")
 
 
+def cmd_compare_tables(args: argparse.Namespace) -> None:
+    """`xcam compare-tables OLD NEW`: two metric tables side by side; exit 0 either way."""
+    from xcam_assets.evaluate.compare import compare_tables, format_comparison, read_metric_table
+
+    try:
+        old, new = read_metric_table(Path(args.old)), read_metric_table(Path(args.new))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"xcam: {exc}") from None
+    table = compare_tables(old, new, metrics=args.metric or None)
+    if args.architecture:
+        table = table.filter(table["architecture"].is_in(args.architecture))
+    if args.finding:
+        table = table.filter(table["finding"].is_in(args.finding))
+    if args.csv:
+        table.write_csv(args.csv)
+    print(format_comparison(table, moved_only=args.moved_only))
+    moved = int(table["moved"].fill_null(False).sum())
+    print(f"\n{table.height} figures compared, {moved} moved beyond a CI "
+          f"(new value outside the old CI or old outside the new)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     cmd_demo_cohort(argparse.Namespace(n_images=None, force=False))
     cmd_materialize(argparse.Namespace(stages=["all"], scorecard=False))
@@ -274,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.set_defaults(fn=cmd_import_tbx11k)
     add_import_nih_parser(sub)
+    from xcam_assets.ingest.pacs.commands import add_pacs_parsers
+
+    add_pacs_parsers(sub)
     p = sub.add_parser("import-labels", help="a dataset's label table -> a batch's labels.csv "
                        "(formats: siim nih rsna vindr tbx11k csv coco)")
     p.add_argument("format")
@@ -294,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "montages, checks, provenance): one self-contained file")
     p.add_argument("--out", help="output file (default: reports/report.html)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare-tables", help="two metric tables side by side (before/after a "
+                       "change): which figures moved beyond their CI")
+    p.add_argument("old", help="metric_table.parquet, or the metrics folder holding it")
+    p.add_argument("new", help="metric_table.parquet, or the metrics folder holding it")
+    p.add_argument("--metric", action="append", help="only this metric (repeatable)")
+    p.add_argument("--architecture", action="append", help="only this model (repeatable)")
+    p.add_argument("--finding", action="append", help="only this finding (repeatable)")
+    p.add_argument("--moved-only", action="store_true", help="list only the figures that moved")
+    p.add_argument("--csv", help="also write the whole comparison as CSV here")
+    p.set_defaults(fn=cmd_compare_tables)
     p = sub.add_parser("dvc", help="run DVC from its isolated environment")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_dvc)

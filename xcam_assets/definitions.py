@@ -35,6 +35,7 @@ from xcam_assets.ingest.checks import (
     raw_copy_is_faithful,
     splits_do_not_leak,
 )
+from xcam_assets.ingest.pacs.sensor import pacs_dicomweb_sensor
 from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.checks import tensors_are_sound
 from xcam_assets.project import XcamProject
@@ -61,6 +62,7 @@ defs = dg.Definitions(
     assets=[_with_nightly(a) for a in ASSETS],
     asset_checks=CHECKS,
     jobs=[ingest_batch_job],
-    sensors=[incoming_batch_sensor, nightly_reevaluation, dvc_commit_after_run],
+    sensors=[incoming_batch_sensor, nightly_reevaluation, dvc_commit_after_run,
+             pacs_dicomweb_sensor],
     resources={"xcam": XcamProject()},
 )
