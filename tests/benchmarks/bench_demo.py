@@ -1,6 +1,7 @@
 """The whole demo lineage through Dagster: wall time and orchestration overhead.
 
 Run: .venv/bin/python tests/benchmarks/bench_demo.py [--profile demo|tiny] [--keep]
+[--precision auto|fp32|bf16]
 (a plain script, not collected by pytest).
 
 What it does, as `make demo` (`xcam demo`) does without DVC and the UI: a fresh project
@@ -73,8 +74,15 @@ def union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> 
     return total
 
 
-def make_project(root: Path, profile: str) -> None:
+def make_project(root: Path, profile: str, precision: str | None = None) -> None:
     shutil.copytree(REPO / "resources", root / "resources")
+    if precision is not None:  # the profile's `precision` key, as a user would set it
+        import yaml
+
+        path = root / "resources" / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        params["profiles"][profile]["precision"] = precision
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "dagster_home").mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", root / "dagster_home" / "dagster.yaml")
     os.environ.update({
@@ -121,11 +129,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="demo", help="params.yaml profile (default demo)")
     ap.add_argument("--keep", action="store_true", help="keep the temp project, print its path")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="set the profile's precision (default: as params.yaml has it); "
+                         "two runs, auto and fp32, with --keep give the parity table's inputs")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="xcam-bench-demo-"))
     root = tmp / "project"
-    make_project(root, args.profile)
+    make_project(root, args.profile, args.precision)
 
     t0 = time.perf_counter()
     from xcam_assets.cli import cmd_demo_cohort
@@ -204,7 +215,8 @@ def main() -> None:
     print(f"RESULT demo lineage_s={lineage_s:.1f} overhead_fraction={overhead:.3f} "
           f"step_overhead_fraction={step_overhead:.3f} overhead_s={lineage_s - body_s:.1f} "
           f"runs={len(runs)} cpu_s={cpu_s:.1f} import_s={import_s:.1f} "
-          f"pins={int(os.environ.get('XCAM_SQLITE_PINS', '1') != '0')} profile={args.profile}")
+          f"pins={int(os.environ.get('XCAM_SQLITE_PINS', '1') != '0')} profile={args.profile} "
+          f"precision={args.precision or 'as-configured'}")
 
 
 if __name__ == "__main__":
