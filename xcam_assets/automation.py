@@ -9,6 +9,8 @@ and never past a failed blocking check.
   batch folder, never the files inside a batch). Its cursor maps each batch to the
   marker's mtime, so a restarted daemon requests nothing twice; touching `.complete`
   again (new files added to the batch) requests a new run.
+- `pacs_dicomweb_sensor` (every `pacs.dicomweb.interval_s`): pulls new chest radiographs
+  from the PACS over DICOMweb into a new batch folder, which the sensor above then ingests.
 - `NIGHTLY_ASSETS` carry `nightly_condition()`: on the first evaluation after the cron
   tick (XCAM_NIGHTLY_CRON, default `0 2 * * *`, XCAM_NIGHTLY_TZ, default UTC) an asset is
   due when a dependency was updated or its own code version changed since it was last
@@ -27,11 +29,15 @@ and never past a failed blocking check.
 import json
 import os
 import warnings
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 
 from xcam_assets.config import load_settings
+from xcam_assets.ingest.pacs.dicomweb import DicomwebConfig, PullBusy, next_since, pull_once
+from xcam_assets.ingest.pacs.staging import PacsArea
 from xcam_assets.project import batch_partitions
 
 MARKER = ".complete"
@@ -222,3 +228,64 @@ def dvc_commit_after_run(context: dg.RunStatusSensorContext) -> dg.SkipReason | 
     run_dvc(s, "commit", "--force", "--quiet", *stages, timeout=120)
     context.log.info(f"dvc commit {' '.join(stages)} after run {run.run_id[:8]}")
     return None
+
+
+# --------------------------------------------------------------------------- the PACS
+# The DICOMweb puller (`xcam_assets.ingest.pacs.dicomweb.pull_once`, which imports no
+# Dagster, so that `xcam pacs-pull` starts fast) on a Dagster tick.
+
+def _pacs_default_status() -> dg.DefaultSensorStatus:
+    """Running when a PACS URL is configured, so a site without one sees a stopped sensor."""
+    try:
+        configured = bool(DicomwebConfig.from_params(load_settings().params).url)
+    except Exception:  # noqa: BLE001 - a broken params file must not break the code location
+        configured = False
+    return dg.DefaultSensorStatus.RUNNING if configured else dg.DefaultSensorStatus.STOPPED
+
+
+def _pacs_interval_s() -> int:
+    """`pacs.dicomweb.interval_s` (XCAM_PACS_INTERVAL_S overrides it), read at load time."""
+    if os.environ.get("XCAM_PACS_INTERVAL_S"):
+        return int(os.environ["XCAM_PACS_INTERVAL_S"])
+    try:
+        return int(DicomwebConfig.from_params(load_settings().params).interval_s)
+    except Exception:  # noqa: BLE001 - a broken params file must not break the code location
+        return 300
+
+
+@dg.sensor(name="pacs_dicomweb_sensor", minimum_interval_seconds=_pacs_interval_s(),
+           default_status=_pacs_default_status())
+def pacs_dicomweb_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason | dg.SensorResult:
+    """Polls the PACS (QIDO-RS) and fetches new chest radiographs (WADO-RS) into a new
+    batch under data/incoming/, which `incoming_batch_sensor` then ingests. The cursor
+    (shown in the UI) holds the StudyDate window and the last poll's counts: PACS studies
+    and instances matching the query, how many xcam already had, fetched, handed over."""
+    s = load_settings()
+    cfg = DicomwebConfig.from_params(s.params)
+    if not cfg.url:
+        return dg.SkipReason("pacs.dicomweb.url is not set in resources/params.yaml")
+    state = json.loads(context.cursor) if context.cursor else {}
+    since = state.get("study_date_from", cfg.since)
+    area = PacsArea.from_settings(s)
+    try:
+        report = pull_once(cfg, area, since, log=context.log.info)
+    except PullBusy as exc:
+        return dg.SkipReason(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a PACS outage: logged, retried next tick
+        context.log.error(f"PACS pull from {cfg.url} stopped: {exc!r}; what was fetched stays "
+                          "staged and the next tick resumes")
+        state.update(last_error=f"{datetime.now(UTC).isoformat(timespec='seconds')} {exc!r}")
+        return dg.SensorResult(cursor=json.dumps(state, sort_keys=True),
+                               skip_reason=f"PACS pull failed: {exc!r}")
+    counts = {k: v for k, v in asdict(report).items() if k != "recovered"}
+    context.log.info(f"PACS {cfg.url}: {report.pacs_studies} studies, {report.pacs_instances} "
+                     f"instances match; {report.already_had} already taken in, {report.fetched} "
+                     f"fetched, {report.pending} left for the next tick; batch: {report.batch}")
+    cursor = {"v": 1, "study_date_from": next_since(cfg, report, since), "last_poll": counts,
+              "instances_taken_in": area.ledger.count(source=f"dicomweb:{cfg.url}"),
+              "batches": state.get("batches", 0) + (1 if report.batch else 0)}
+    return dg.SensorResult(
+        cursor=json.dumps(cursor, sort_keys=True),
+        skip_reason=None if report.batch else
+        f"{report.pacs_instances} PACS instance(s) match, {report.already_had} already taken in, "
+        f"{report.fetched} fetched, {report.pending} pending: no batch handed over")

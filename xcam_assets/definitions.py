@@ -12,6 +12,7 @@ from xcam_assets.automation import (
     ingest_batch_job,
     nightly_condition,
     nightly_reevaluation,
+    pacs_dicomweb_sensor,
 )
 from xcam_assets.evaluate.assets import external_scores, metric_tables
 from xcam_assets.evaluate.checks import (
@@ -35,7 +36,6 @@ from xcam_assets.ingest.checks import (
     raw_copy_is_faithful,
     splits_do_not_leak,
 )
-from xcam_assets.ingest.pacs.sensor import pacs_dicomweb_sensor
 from xcam_assets.preprocess.assets import clahe_tensors
 from xcam_assets.preprocess.checks import tensors_are_sound
 from xcam_assets.project import XcamProject

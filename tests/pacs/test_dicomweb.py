@@ -22,13 +22,12 @@ import requests
 import yaml
 from pacs.harness import XCAM, Orthanc, batch_contents, incoming_batches, restamp, wait_for
 
-from xcam_assets.automation import INGEST_ASSETS, incoming_batch_sensor
+from xcam_assets.automation import INGEST_ASSETS, incoming_batch_sensor, pacs_dicomweb_sensor
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort
 from xcam_assets.ingest.labels import LABEL_COLUMNS
 from xcam_assets.ingest.pacs.dicomweb import pull_lock
 from xcam_assets.ingest.pacs.ledger import Ledger
-from xcam_assets.ingest.pacs.sensor import pacs_dicomweb_sensor
 from xcam_assets.ingest.pacs.staging import AREA, PacsArea
 
 

@@ -370,8 +370,9 @@ def test_train_and_save_asks_for_pretrained_weights_per_architecture(
 
     monkeypatch.setattr(stage, "resolve_pretrained", fake_resolve)
     monkeypatch.setattr(stage, "split_arrays", stop)
-    settings = SimpleNamespace(profile={"epochs": 1, "lr": 1e-3, "pretrained": raw,
-                                        "pretrained_file": None}, zoo=ZOO, seed=0, root=None)
+    profile = {"epochs": 1, "lr": 1e-3, "pretrained": raw, "pretrained_file": None}
+    settings = SimpleNamespace(profile=profile, training_profile=lambda _arch: profile, zoo=ZOO,
+                               seed=0, root=None)
     with pytest.raises(Reached):
         stage.train_and_save(settings, arch, log=lambda m: None)
     assert calls == expected
