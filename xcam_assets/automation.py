@@ -234,27 +234,27 @@ def dvc_commit_after_run(context: dg.RunStatusSensorContext) -> dg.SkipReason | 
 # The DICOMweb puller (`xcam_assets.ingest.pacs.dicomweb.pull_once`, which imports no
 # Dagster, so that `xcam pacs-pull` starts fast) on a Dagster tick.
 
-def _pacs_default_status() -> dg.DefaultSensorStatus:
-    """Running when a PACS URL is configured, so a site without one sees a stopped sensor."""
+def _pacs_load_time_config() -> DicomwebConfig | None:
+    """The DICOMweb settings as the code location loads (read once: the sensor's interval
+    and default status come from it); None when params.yaml cannot be read, which must
+    not break the code location."""
     try:
-        configured = bool(DicomwebConfig.from_params(load_settings().params).url)
+        return DicomwebConfig.from_params(load_settings().params)
     except Exception:  # noqa: BLE001 - a broken params file must not break the code location
-        configured = False
-    return dg.DefaultSensorStatus.RUNNING if configured else dg.DefaultSensorStatus.STOPPED
+        return None
 
 
-def _pacs_interval_s() -> int:
-    """`pacs.dicomweb.interval_s` (XCAM_PACS_INTERVAL_S overrides it), read at load time."""
-    if os.environ.get("XCAM_PACS_INTERVAL_S"):
-        return int(os.environ["XCAM_PACS_INTERVAL_S"])
-    try:
-        return int(DicomwebConfig.from_params(load_settings().params).interval_s)
-    except Exception:  # noqa: BLE001 - a broken params file must not break the code location
-        return 300
+_PACS_AT_LOAD = _pacs_load_time_config()
+# `pacs.dicomweb.interval_s` (XCAM_PACS_INTERVAL_S overrides it); running by default only
+# when a PACS URL is configured, so a site without one sees a stopped sensor
+_PACS_INTERVAL_S = int(os.environ.get("XCAM_PACS_INTERVAL_S")
+                       or (_PACS_AT_LOAD.interval_s if _PACS_AT_LOAD else 300))
+_PACS_DEFAULT_STATUS = (dg.DefaultSensorStatus.RUNNING if _PACS_AT_LOAD and _PACS_AT_LOAD.url
+                        else dg.DefaultSensorStatus.STOPPED)
 
 
-@dg.sensor(name="pacs_dicomweb_sensor", minimum_interval_seconds=_pacs_interval_s(),
-           default_status=_pacs_default_status())
+@dg.sensor(name="pacs_dicomweb_sensor", minimum_interval_seconds=_PACS_INTERVAL_S,
+           default_status=_PACS_DEFAULT_STATUS)
 def pacs_dicomweb_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason | dg.SensorResult:
     """Polls the PACS (QIDO-RS) and fetches new chest radiographs (WADO-RS) into a new
     batch under data/incoming/, which `incoming_batch_sensor` then ingests. The cursor

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
+from xcam_assets.evaluate.scorecard import Cell
+
 KEYS = ("architecture", "cam_method", "finding", "metric", "split")
 
 
@@ -57,10 +59,7 @@ def compare_tables(old: pl.DataFrame, new: pl.DataFrame,
 
 
 def _cell(v: float | None, lo: float | None, hi: float | None, n: int | None) -> str:
-    if v is None:
-        return "-"
-    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-    return f"{v:.3f}{ci}" + (f" n={n}" if n is not None else "")
+    return "-" if v is None else Cell(v, lo, hi, n).text()
 
 
 def format_comparison(table: pl.DataFrame, moved_only: bool = False) -> str:

@@ -17,6 +17,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from xcam_assets.evaluate.plots import _png
+from xcam_assets.evaluate.tables import SUBGROUP_SEP
 
 __all__ = ["family_plots", "plot_agreement", "plot_randomization", "plot_stability",
            "plot_subgroups"]
@@ -24,7 +25,7 @@ __all__ = ["family_plots", "plot_agreement", "plot_randomization", "plot_stabili
 
 def _suffix_rows(long: pl.DataFrame, prefix: str) -> pl.DataFrame:
     """Rows `<prefix>@<key>=<value>` with the key's value in a column `level`."""
-    rows = long.filter(pl.col("metric").str.starts_with(prefix + "@"))
+    rows = long.filter(pl.col("metric").str.starts_with(prefix + SUBGROUP_SEP))
     return rows.with_columns(
         pl.col("metric").str.split_exact("=", 1).struct.field("field_1").alias("level"))
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +99,16 @@ def seed_models(settings: Settings, arch: str, device: torch.device
 
 
 def seed_predictions(settings: Settings, arch: str, splits: Mapping[str, tuple],
-                     device: torch.device, log: Callable[[str], None] = print
+                     device: torch.device, log: Callable[[str], None] = print,
+                     models: Iterable[tuple[int, nn.Module]] | None = None
                      ) -> dict[int, pl.DataFrame]:
     """Seed -> that seed's model's probabilities on `splits` (name -> the
     ``split_arrays`` tuple ``(keys, images, labels, regions)``), in the format of the
     explain stage's ``predictions.parquet``. Empty when the checkpoint was trained with
-    one seed; :class:`StaleSeeds` as :func:`seed_models`."""
+    one seed; :class:`StaleSeeds` as :func:`seed_models`. `models`: the seed models
+    already loaded (the evaluate stage loads them once for predictions and heatmaps)."""
     out: dict[int, pl.DataFrame] = {}
-    for seed, model in seed_models(settings, arch, device):
+    for seed, model in (seed_models(settings, arch, device) if models is None else models):
         out[seed] = predictions_frame(model, settings.findings, splits, device)
         del model
         log(f"{arch}: seed {seed} predicted")
@@ -185,13 +187,15 @@ def seed_heatmap_values(settings: Settings, arch: str, model: nn.Module,
 def seed_heatmap_table(settings: Settings, arch: str, images_u8: np.ndarray,
                        regions: np.ndarray, boxes: Sequence[Mapping] | None,
                        cfg: Mapping[str, Any], device: torch.device,
-                       log: Callable[[str], None] = print
+                       log: Callable[[str], None] = print,
+                       models: Iterable[tuple[int, nn.Module]] | None = None
                        ) -> tuple[dict[int, SeedValues], dict[str, Any]]:
     """Every kept seed's localization values (:func:`seed_heatmap_values`) on the boxed
     test images, and a record of what was scored (images, methods, metrics; no
     timings) for ``metric_table.json``. `cfg`: the merged ``evaluate`` section (its
     ``seed_heatmaps``, ``tolerance_px``, ``weak_localization_threshold``). Empty when
-    disabled or when the checkpoint was trained with one seed."""
+    disabled or when the checkpoint was trained with one seed. `models` as for
+    :func:`seed_predictions`."""
     sh = cfg.get("seed_heatmaps") or {}
     if not sh.get("enabled", True):
         return {}, {"enabled": False}
@@ -200,7 +204,7 @@ def seed_heatmap_table(settings: Settings, arch: str, images_u8: np.ndarray,
     batch = ExplainConfig.from_settings(settings).batch_size
     box_list = None if boxes is None else [boxes[i] for i in idx]
     values: dict[int, SeedValues] = {}
-    for seed, model in seed_models(settings, arch, device):
+    for seed, model in (seed_models(settings, arch, device) if models is None else models):
         t0 = time.perf_counter()
         values[seed] = seed_heatmap_values(
             settings, arch, model, methods, images_u8[idx], regions[idx], box_list,

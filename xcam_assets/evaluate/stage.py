@@ -37,6 +37,7 @@ from xcam_assets.evaluate.scorecard import scorecard
 from xcam_assets.evaluate.seeds import (
     FAITHFULNESS_NOT_PER_SEED,
     seed_heatmap_table,
+    seed_models,
     seed_predictions,
     trained_seeds,
 )
@@ -210,14 +211,16 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
         if len(trained_seeds(settings, arch)) > 1:
             if val_arrays is None:
                 val_arrays = split_arrays(settings, "val")
+            models = list(seed_models(settings, arch, device))  # loaded and hashed once
             per_seed = seed_predictions(settings, arch, {"val": val_arrays,
                                                          "test": (keys, x_te, y_te, regions)},
-                                        device, log)
+                                        device, log, models=models)
             rows += seed_rows(arch, per_seed, views=views, view_finding=settings.findings[0])
             seeds_used[arch] = sorted(per_seed)
             t0 = time.perf_counter()  # issue #17 item 5: heatmap metrics per seed
             per_seed_heat, seed_heat_info[arch] = seed_heatmap_table(
-                settings, arch, x_te, regions, boxes, cfg, device, log)
+                settings, arch, x_te, regions, boxes, cfg, device, log, models=models)
+            del models
             rows += seed_summary_rows(arch, _by_key(per_seed_heat))
             timings[f"{arch}/seed_heatmaps_s"] = round(time.perf_counter() - t0, 2)
         thresholds = thresholds_from_predictions(preds)
