@@ -180,7 +180,10 @@ def test_whole_lineage_materializes_with_real_outputs(project) -> None:
         for metric in ("aopc", "deletion_auc", "insertion_auc", "road_combined"):
             assert table.filter((pl.col("metric") == metric)
                                 & (pl.col("cam_method") == "gradcam")).height == 1, metric
-        ref = morf_aopc_stepwise(torch_predictor(model, 0), x_te[tp] / 255.0, maps[tp, 0],
+        # scored in the model's own precision, as its predictions and heatmaps were made
+        predictor = torch_predictor(model, 0, precision=resolve_precision(
+            s.precision, model, torch.device("cpu")))
+        ref = morf_aopc_stepwise(predictor, x_te[tp] / 255.0, maps[tp, 0],
                                  grid=9, steps=8, seed=s.seed)
         assert value("aopc", "gradcam") == pytest.approx(ref.values.mean(), abs=1e-5)
     for name in ("roc_lesion", "metrics_lesion", f"montage_{arch}"):

@@ -29,6 +29,7 @@ from xcam_assets.evaluate.tables import (
     CI_SEEDS,
     SEED_SUFFIX,
     evaluate_config,
+    metric_info,
     seed_summary_rows,
     to_frame,
     wide_table,
@@ -102,26 +103,84 @@ def test_seed_heatmaps_defaults_are_documented_in_params() -> None:
 
 
 def test_ci_record_says_which_metrics_have_seed_rows() -> None:
-    """`metric_table.json`'s `seed_level`: heatmap metrics named only when they were scored
-    per seed, per architecture trained with several seeds; faithfulness marked as not."""
+    """`metric_table.json`'s `seed_level`: heatmap and faithfulness metrics named only when
+    they were scored per seed, per architecture trained with several seeds."""
     from xcam_assets.evaluate.stage import ci_record
 
     info = {"enabled": True, "n_images": 5, "max_images": None, "methods": ["gradcam"]}
+    faith = {"enabled": True, "metrics": ["aopc"], "methods": ["gradcam"]}
     rec = ci_record(100, 0, 100, 10, 8, {"a": [1, 2], "b": [1]},
-                    {"a": info, "b": info})["seed_level"]
+                    {"a": info, "b": info}, {"a": faith, "b": faith})["seed_level"]
     assert "localization metrics" in rec["metrics"] and rec["seeds"] == {"a": [1, 2]}
-    assert rec["heatmaps"] == {"a": info}
-    assert "not computed per seed" in rec["faithfulness"]
-    off = ci_record(100, 0, 100, 10, 8, {"a": [1, 2]}, {"a": {"enabled": False}})["seed_level"]
+    assert "faithfulness (aopc)" in rec["metrics"]
+    assert rec["heatmaps"] == {"a": info} and rec["faithfulness"] == {"a": faith}
+    off = ci_record(100, 0, 100, 10, 8, {"a": [1, 2]}, {"a": {"enabled": False}},
+                    {"a": {"enabled": False, "metrics": ["aopc"]}})["seed_level"]
     assert "localization" not in off["metrics"] and off["metrics"].startswith("diagnostic")
+    assert "faithfulness" not in off["metrics"]
     assert ci_record(100, 0, 100, 10, 8, {"a": [1]}, {"a": info})["seed_level"] is None
+
+
+def test_seed_faithfulness_values_match_the_library_aopc(project: Path) -> None:
+    """One seed model's AOPC per method: the mean of the library's MoRF AOPC over its
+    first `max_images` true positives (labelled positive and at or above its threshold),
+    maps made by the explain stage's function at the model's precision. A finding with no
+    true positive gives no value; an unknown metric name is refused, naming the setting."""
+    from xcam_assets.evaluate.faithfulness import morf_aopc, torch_predictor
+    from xcam_assets.evaluate.seeds import seed_faithfulness_table, seed_faithfulness_values
+    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
+    from xcam_assets.train.stage import precision_for
+    from xcam_assets.train.zoo import build_model, target_layers
+
+    s = load_settings()
+    findings = list(s.findings)
+    torch.manual_seed(0)
+    model = build_model("resnet18", s.zoo, n_classes=len(findings), image_size=64).eval()
+    device = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    labels = np.ones((5, len(findings)), dtype=np.int8)
+    labels[1, 0] = 0  # not a positive: never a true positive
+    prob = np.full((5, len(findings)), 0.9)
+    prob[2, 0] = 0.4  # below the threshold: not called positive
+    faith = {"metrics": ["aopc", "deletion"], "max_images": 2, "findings": None,
+             "batch_size": 64, "aopc": {"grid": 4, "steps": 5, "region_px": 34,
+                                        "reference_size": 224, "perturbation": "gaussian_noise",
+                                        "noise_mean": 0.0, "noise_sd": 0.1, "fill": 0.5}}
+    got = seed_faithfulness_values(s, "resnet18", model, ["gradcam", "gradcam-norelu"], x,
+                                   labels, prob, {f: 0.5 for f in findings}, faith, ["aopc"],
+                                   8, device)
+    tp = [0, 3]  # the first two true positives of finding 0
+    only = np.zeros((2, len(findings)), dtype=bool)
+    only[:, 0] = True
+    for method in ("gradcam", "gradcam-norelu"):
+        maps = heatmap_stack(model, target_layers(model, "resnet18", s.zoo), x[tp], method,
+                             len(findings), batch_size=8,
+                             reshape_transform=reshape_transform_for("resnet18", s.zoo),
+                             only=only, precision=precision_for(s, "resnet18", device, model))
+        predictor = torch_predictor(model, 0,
+                                    precision=precision_for(s, "resnet18", device, model))
+        want = morf_aopc(predictor, x[tp].astype(np.float32) / 255.0,
+                         maps[:, 0].astype(np.float64), None, steps=5, grid=4, seed=s.seed)
+        assert got[(method, findings[0], "aopc")] == pytest.approx(float(np.mean(want.values)),
+                                                                  abs=1e-12)
+    assert {k[2] for k in got} == {"aopc"}  # only the metrics named
+    none = seed_faithfulness_values(s, "resnet18", model, ["gradcam"], x, labels,
+                                    np.zeros_like(prob), {f: 0.5 for f in findings}, faith,
+                                    ["aopc"], 8, device)
+    assert none == {}  # no true positive: no value (not nan)
+    with pytest.raises(ValueError, match="seed_heatmaps.faithfulness.*'auc'"):
+        seed_faithfulness_table(s, "resnet18", x, labels, [], {},
+                                {"seed_heatmaps": {"faithfulness": ["aopc", "auc"]},
+                                 "faithfulness": faith}, device, models=[])
 
 
 # --------------------------------------------------------------------------- end to end
 TINY = {"image_size": 64, "epochs": 1, "batch_size": 8, "seeds": 2, "resume": False,
         "n_boot": 30, "cam_methods": ["gradcam", "gradcam-norelu"],
         "evaluate": {"randomization": {"enabled": False}, "stability": {"enabled": False},
-                     "faithfulness": {"metrics": []}}}
+                     "faithfulness": {"metrics": ["aopc"], "max_images": 3,
+                                      "aopc": {"grid": 4, "steps": 5}}}}
 
 
 def _scores_per_seed(s, arch: str, method: str, x: np.ndarray, regions: np.ndarray
@@ -157,6 +216,51 @@ def _scores_per_seed(s, arch: str, method: str, x: np.ndarray, regions: np.ndarr
     return out
 
 
+def _aopc_per_seed(s, arch: str, method: str) -> list[float]:
+    """Each kept seed model's AOPC (first finding) on its own true positives (val threshold
+    by the G-mean rule, first 3), with the library's AOPC on TINY's 4x4 grid and L = 5."""
+    from xcam_assets.evaluate.diagnostic import gmean_threshold
+    from xcam_assets.evaluate.faithfulness import morf_aopc, torch_predictor
+    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
+    from xcam_assets.preprocess.store import split_arrays
+    from xcam_assets.train.checkpoint import load_checkpoint
+    from xcam_assets.train.loop import predict_logits
+    from xcam_assets.train.stage import precision_for
+    from xcam_assets.train.zoo import build_model, target_layers
+
+    side = json.loads((s.checkpoints_dir / arch / "model.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, x_val, y_val, _ = split_arrays(s, "val")
+    _, x_te, y_te, _ = split_arrays(s, "test")
+    out = []
+    for run in side["seed_runs"]:
+        model = build_model(arch, s.zoo, n_classes=len(s.findings),
+                            image_size=TINY["image_size"])
+        load_checkpoint(s.checkpoints_dir / arch / "seeds" / f"seed-{run['seed']}", model)
+        model = model.to(device).eval()
+        precision = precision_for(s, arch, device, model)  # the stage's, for every forward
+        p_val = 1 / (1 + np.exp(-predict_logits(model, x_val, device=device,
+                                                precision=precision)[:, 0]))
+        p_te = 1 / (1 + np.exp(-predict_logits(model, x_te, device=device,
+                                               precision=precision)[:, 0]))
+        thr = gmean_threshold(y_val[:, 0], p_val)
+        tp = np.flatnonzero((y_te[:, 0] > 0) & (p_te >= thr))[:3]
+        if not len(tp):
+            out.append(float("nan"))
+            continue
+        only = np.zeros((len(tp), len(s.findings)), dtype=bool)
+        only[:, 0] = True
+        maps = heatmap_stack(model, target_layers(model, arch, s.zoo), x_te[tp], method,
+                             len(s.findings), batch_size=8,
+                             reshape_transform=reshape_transform_for(arch, s.zoo), only=only,
+                             precision=precision)
+        res = morf_aopc(torch_predictor(model, 0, precision=precision),
+                        x_te[tp].astype(np.float32) / 255.0,
+                        maps[:, 0].astype(np.float64), None, steps=5, grid=4, seed=s.seed)
+        out.append(float(np.mean(res.values)))
+    return out
+
+
 @pytest.mark.slow
 def test_two_seeds_give_heatmap_seed_rows_end_to_end(project: Path) -> None:
     from xcam_assets.demo import write_demo_cohort
@@ -187,21 +291,27 @@ def test_two_seeds_give_heatmap_seed_rows_end_to_end(project: Path) -> None:
             assert {m + SEED_SUFFIX for m in (
                 "pointing_game", "energy_pointing_game", "ehr_auc", "blank_map_rate",
                 "point_localization_accuracy", "pylon_iou")} <= names
-            assert "aopc" + SEED_SUFFIX not in names  # faithfulness is not per seed
+            assert "deletion_auc" + SEED_SUFFIX not in names  # only what is named
             assert not any(n.startswith("pointing_tolerance_px") for n in names)
             assert set(mine["ci_method"].to_list()) == {CI_SEEDS}
             assert set(mine["n"].to_list()) == {2}
             scores = _scores_per_seed(s, arch, method, x[idx], regions[idx])
+            aopc = [v for v in _aopc_per_seed(s, arch, method) if np.isfinite(v)]
+            if len(aopc) == 2:
+                scores["aopc"] = aopc
+            else:  # a seed with no true positive: n counts the others, < 2 gives no row
+                assert "aopc" + SEED_SUFFIX not in names
             for metric, per_seed in scores.items():
                 row = mine.filter((pl.col("metric") == metric + SEED_SUFFIX)
                                   & (pl.col("finding") == s.findings[0])).row(0, named=True)
-                assert len(per_seed) == 2
+                assert len(per_seed) == 2 and np.all(np.isfinite(per_seed)), metric
                 assert row["value"] == pytest.approx(np.mean(per_seed), abs=1e-9)
+                low, high, _ = metric_info(metric)
                 if per_seed[0] != per_seed[1]:
                     lo, hi = sps.t.interval(0.95, df=1, loc=np.mean(per_seed),
                                             scale=sps.sem(per_seed))
                     assert (row["ci_low"], row["ci_high"]) == pytest.approx(
-                        (max(lo, 0.0), min(hi, 1.0)), abs=1e-9)
+                        (max(lo, low), min(hi, high)), abs=1e-9)
                 else:
                     assert row["ci_low"] == row["ci_high"] == pytest.approx(per_seed[0])
             if method.endswith("-norelu"):  # signed maps are never blank: a real test
@@ -213,7 +323,8 @@ def test_two_seeds_give_heatmap_seed_rows_end_to_end(project: Path) -> None:
             assert set(plain["ci_method"].to_list()) == {CI_PATIENTS}
     record = json.loads((s.metrics_dir / "metric_table.json").read_text())["seed_level"]
     assert "localization metrics" in record["metrics"]
-    assert "not computed per seed" in record["faithfulness"]
+    assert "faithfulness (aopc)" in record["metrics"]
+    assert all(record["faithfulness"][a]["metrics"] == ["aopc"] for a in s.architectures)
     for arch in s.architectures:
         assert record["heatmaps"][arch]["n_images"] == len(idx)
         assert record["heatmaps"][arch]["methods"] == TINY["cam_methods"]

@@ -16,7 +16,7 @@ from xcam_assets.project import XcamProject
 from xcam_assets.provenance.records import latest_check_results, latest_data_versions
 
 GROUP = "evaluate"
-METRIC_TABLES_CODE_VERSION = "4"
+METRIC_TABLES_CODE_VERSION = "5"
 REPORT_CHECKS_NOTE = ("metric_tables' own checks run after this report is written: "
                       "`xcam report` (or the UI) shows their result")
 

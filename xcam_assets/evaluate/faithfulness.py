@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from xcam_assets.train.loop import MEAN, STD
+from xcam_assets.train.precision import LEGACY_CPU, Precision
 
 __all__ = [
     "CountingPredictor",
@@ -95,16 +96,22 @@ class CountingPredictor:
 
 
 def torch_predictor(model: nn.Module, finding_index: int,
-                    device: torch.device | None = None) -> Predictor:
+                    device: torch.device | None = None,
+                    precision: Precision | None = None) -> Predictor:
     """Predictor for a classifier trained on ``(x - MEAN) / STD`` inputs (train/loop.py):
-    ``batch (B, H, W) in [0, 1] -> sigmoid(logit of finding)`` as float64 ``(B,)``."""
+    ``batch (B, H, W) in [0, 1] -> sigmoid(logit of finding)`` as float64 ``(B,)``.
+    ``precision``: the autocast dtype and memory format of the forwards (the model's own,
+    :func:`xcam_assets.train.stage.precision_for`, so the perturbed images are scored as
+    the model's predictions and heatmaps were made; default fp32, contiguous)."""
     device = device or next(model.parameters()).device
+    precision = precision or LEGACY_CPU
+    precision.prepare_model(model)
     model.eval()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        x = ((x - MEAN) / STD).unsqueeze(1).to(device)
-        with torch.inference_mode():
+        x = precision.prepare_input(((x - MEAN) / STD).unsqueeze(1).to(device))
+        with torch.inference_mode(), precision.autocast(device):
             logits = model(x)[:, finding_index].float()
         return torch.sigmoid(logits).cpu().numpy().astype(np.float64)
 
@@ -569,6 +576,7 @@ def faithfulness_values(
     threshold: float,
     config: dict,
     seed: int = 0,
+    precision: Precision | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-image faithfulness metrics of one finding's heatmaps, as configured.
 
@@ -579,14 +587,16 @@ def faithfulness_values(
     notes), or with ``grid: null`` tiles of ``region_px`` scaled from ``reference_size`` to
     the image size (:func:`region_size_px`); ``aopc.steps`` is ``L`` (null: every region);
     ``road.max_images`` caps ROAD (the costly one) to the first images. The caller chooses
-    the images (the metric table uses true positives).
+    the images (the metric table uses true positives). ``precision``: that of the model's
+    predictions and heatmaps (:func:`torch_predictor`); ROAD runs through
+    pytorch-grad-cam's own loop in fp32.
     Returns metric name -> ``(n,)`` array (nan where undefined); with AOPC also the
     parameter rows ``aopc_grid`` (tiles per side) and ``aopc_steps`` (``L``), constant
     arrays, so the table records them beside the value.
     """
     x, h = _check_batch(images, heatmaps)
     wanted = set(config.get("metrics") or [])
-    predict = torch_predictor(model, finding_index)
+    predict = torch_predictor(model, finding_index, precision=precision)
     bs = int(config.get("batch_size", 64))
     out: dict[str, np.ndarray] = {}
     if not len(x):

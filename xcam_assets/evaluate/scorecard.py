@@ -72,6 +72,9 @@ OPTIONAL: tuple[Headline, ...] = (
     # heatmap metrics over the seed models' own heatmaps (issue #17 item 5, evaluate/seeds.py)
     Headline("point_localization_accuracy_seed_mean", "PLA seeds", summary_first=True),
     Headline("pointing_game_seed_mean", "PG seeds"),
+    Headline("energy_pointing_game_seed_mean", "EPG seeds"),
+    # faithfulness per seed model on its own true positives (seed_heatmaps.faithfulness)
+    Headline("aopc_seed_mean", "AOPC seeds"),
     Headline("ece", "ECE", higher_better=False),
     Headline("randomization_test_failed", "sanity fail", higher_better=False),
     Headline("stability_spearman", "stability"),

@@ -16,14 +16,24 @@ kept seed model is scored as the checkpoint of record is:
   accuracy and IoU, blank-map rate) gets a ``<metric>_seed_mean`` row per CAM method
   (:func:`xcam_assets.evaluate.tables.seed_summary_rows`).
 
-Both kinds of rows carry ``ci_method = t_over_seeds`` and ``n`` = seeds; the plain row
-beside them is the single checkpoint of record with its patient bootstrap CI.
-**Faithfulness metrics (AOPC, deletion / insertion, masked-out area, ROAD) are not
-computed per seed**: they cost hundreds of forward passes per image and seed, so they stay
-single-checkpoint rows; ``metric_table.json`` (``seed_level``) says so. The per-seed
-heatmaps are scored, not stored. Their cost is one CAM pass per seed, method and boxed test
-image (``evaluate.seed_heatmaps`` in resources/params.yaml: ``enabled``, ``max_images``,
-``methods``).
+* :func:`seed_faithfulness_values`: on its own true positives of the test split (labelled
+  positive and called positive at the seed's own val threshold, capped as the single
+  checkpoint's faithfulness is: ``evaluate.faithfulness.max_images`` and ``findings``) it
+  makes each CAM method's maps and scores the **faithfulness** metrics named in
+  ``evaluate.seed_heatmaps.faithfulness`` (default ``[aopc]``, the scorecard's
+  faithfulness column; any of ``aopc, deletion, insertion, masked_out_area, road``) with
+  :func:`xcam_assets.evaluate.faithfulness.faithfulness_values`, so every scorecard metric
+  has its seed-level row.
+
+All these rows carry ``ci_method = t_over_seeds`` and ``n`` = seeds; the plain row beside
+them is the single checkpoint of record with its patient bootstrap CI. A seed's value of a
+faithfulness metric is the mean over its true positives; a seed with no true positive of
+a finding has no value there, and that row's ``n`` counts the seeds that had one (the
+heatmap rows allow no nan; ``n`` shows the loss). The per-seed heatmaps are
+scored, not stored. Their cost is one CAM pass per seed, method and boxed test image, plus
+per seed, method and true positive the forwards of the faithfulness metrics named
+(``evaluate.seed_heatmaps`` in resources/params.yaml: ``enabled``, ``max_images``,
+``methods``, ``faithfulness``).
 """
 
 from __future__ import annotations
@@ -40,21 +50,21 @@ import torch
 from torch import nn
 
 from xcam_assets.config import Settings
-from xcam_assets.evaluate.tables import PARAMETERS, localization_table
+from xcam_assets.evaluate.faithfulness import faithfulness_values
+from xcam_assets.evaluate.tables import PARAMETERS, localization_table, thresholds_from_predictions
 from xcam_assets.explain.cams import heatmap_stack, parse_method, reshape_transform_for
 from xcam_assets.explain.stage import ExplainConfig
 from xcam_assets.train.checkpoint import load_checkpoint, read_sidecar
 from xcam_assets.train.loop import predict_logits
+from xcam_assets.train.precision import Precision
 from xcam_assets.train.stage import precision_for
 from xcam_assets.train.zoo import build_model, state_dict_hash, target_layers
 
 #: (cam_method, finding, metric) -> one seed model's value
 SeedValues = dict[tuple[str, str, str], float]
 
-#: what ``metric_table.json`` records when per-seed faithfulness is left out
-FAITHFULNESS_NOT_PER_SEED = (
-    "not computed per seed: AOPC, deletion/insertion AUC, masked-out area and ROAD are "
-    "single-checkpoint rows only (hundreds of forward passes per image and seed)")
+#: the faithfulness metrics a seed model is scored on by default: the scorecard's AOPC
+SEED_FAITHFULNESS_DEFAULT = ("aopc",)
 
 
 class StaleSeeds(RuntimeError):
@@ -109,18 +119,22 @@ def seed_predictions(settings: Settings, arch: str, splits: Mapping[str, tuple],
     already loaded (the evaluate stage loads them once for predictions and heatmaps)."""
     out: dict[int, pl.DataFrame] = {}
     for seed, model in (seed_models(settings, arch, device) if models is None else models):
-        out[seed] = predictions_frame(model, settings.findings, splits, device)
+        out[seed] = predictions_frame(model, settings.findings, splits, device,
+                                      precision_for(settings, arch, device, model))
         del model
         log(f"{arch}: seed {seed} predicted")
     return out
 
 
 def predictions_frame(model: torch.nn.Module, findings: Sequence[str],
-                      splits: Mapping[str, tuple], device: torch.device) -> pl.DataFrame:
-    """`image_key, split, finding, label, probability` of `model` on `splits`."""
+                      splits: Mapping[str, tuple], device: torch.device,
+                      precision: Precision | None = None) -> pl.DataFrame:
+    """`image_key, split, finding, label, probability` of `model` on `splits`, predicted
+    in `precision` (the explain stage's: the seed of record then scores as its own row)."""
     frames = []
     for split, (keys, x, y, _) in splits.items():
-        prob = 1.0 / (1.0 + np.exp(-predict_logits(model, x, device=device)))
+        prob = 1.0 / (1.0 + np.exp(-predict_logits(model, x, device=device,
+                                                   precision=precision)))
         for k, finding in enumerate(findings):
             frames.append(pl.DataFrame({"image_key": list(keys), "split": split,
                                         "finding": finding,
@@ -217,3 +231,107 @@ def seed_heatmap_table(settings: Settings, arch: str, images_u8: np.ndarray,
     return values, {"enabled": True, "n_images": int(len(idx)),
                     "max_images": sh.get("max_images"), "methods": methods,
                     "metrics": "localization (evaluate.tables.localization_table)"}
+
+
+# --------------------------------------------------------------------------- faithfulness
+def seed_faithfulness_values(settings: Settings, arch: str, model: nn.Module,
+                             methods: Sequence[str], images_u8: np.ndarray,
+                             labels: np.ndarray, probabilities: np.ndarray,
+                             thresholds: Mapping[str, float], faith: Mapping[str, Any],
+                             metrics: Sequence[str], batch_size: int,
+                             device: torch.device) -> SeedValues:
+    """One seed model's faithfulness per CAM method and finding: the mean over its own
+    true positives among the test images (`labels` positive and `probabilities` >= that
+    seed's val `thresholds`; the first ``faith["max_images"]``, findings limited to
+    ``faith["findings"]``, as the single checkpoint's rows are), its maps made as the
+    explain stage makes them (float16 storage form), scored by
+    :func:`~xcam_assets.evaluate.faithfulness.faithfulness_values` with the ``evaluate.
+    faithfulness`` settings `faith` and only the `metrics` named. No value when the seed
+    has no true positive of a finding (the seed-mean row's ``n`` then counts the seeds that
+    had one; fewer than two: no row). Parameter rows (AOPC grid and L) are left out."""
+    findings = list(settings.findings)
+    precision = precision_for(settings, arch, device, model)
+    layers = target_layers(model, arch, settings.zoo)
+    reshape = reshape_transform_for(arch, settings.zoo)
+    cfg = {**faith, "metrics": list(metrics)}
+    out: SeedValues = {}
+    for k, finding in enumerate(findings):
+        if faith.get("findings") and finding not in faith["findings"]:
+            continue
+        tp = np.flatnonzero((labels[:, k] > 0) & (probabilities[:, k] >= thresholds[finding]))
+        if faith.get("max_images") is not None:
+            tp = tp[:int(faith["max_images"])]
+        only = np.zeros((len(tp), len(findings)), dtype=bool)
+        only[:, k] = True
+        for method in methods:
+            spec = parse_method(method)
+            if spec.is_class_map and not hasattr(model, "class_maps"):
+                continue
+            if not len(tp):
+                values: dict[str, np.ndarray] = {}
+            else:
+                maps = heatmap_stack(model, layers, images_u8[tp], spec, len(findings),
+                                     batch_size=batch_size, reshape_transform=reshape,
+                                     only=only, precision=precision)
+                values = faithfulness_values(model, k, images_u8[tp].astype(np.float32) / 255.0,
+                                             maps[:, k].astype(np.float32), thresholds[finding],
+                                             cfg, seed=settings.seed, precision=precision)
+            for name in _faithfulness_names(metrics, faith):
+                arr = np.asarray(values.get(name, []), dtype=np.float64)
+                arr = arr[np.isfinite(arr)]
+                if len(arr):  # no true positive: no value for this seed
+                    out[(spec.name, finding, name)] = float(arr.mean())
+    return out
+
+
+def _faithfulness_names(metrics: Sequence[str], faith: Mapping[str, Any]) -> list[str]:
+    """The table's metric names of the configured faithfulness metrics."""
+    names = {"aopc": ["aopc"], "deletion": ["deletion_auc"], "insertion": ["insertion_auc"],
+             "masked_out_area": ["masked_out_area"],
+             "road": ["road_morf", "road_lerf", "road_combined"]}
+    unknown = [m for m in metrics if m not in names]
+    if unknown:
+        raise ValueError(f"evaluate.seed_heatmaps.faithfulness: unknown metric(s) {unknown}; "
+                         f"choose from {sorted(names)}")
+    return [n for m in metrics for n in names[m]]
+
+
+def seed_faithfulness_table(settings: Settings, arch: str, images_u8: np.ndarray,
+                            labels: np.ndarray, keys: Sequence[str],
+                            per_seed: Mapping[int, pl.DataFrame], cfg: Mapping[str, Any],
+                            device: torch.device, log: Callable[[str], None] = print,
+                            models: Iterable[tuple[int, nn.Module]] | None = None
+                            ) -> tuple[dict[int, SeedValues], dict[str, Any]]:
+    """Every kept seed's faithfulness values (:func:`seed_faithfulness_values`) and a
+    record of what was scored. `per_seed`: :func:`seed_predictions` (each seed's own val
+    thresholds and test probabilities come from it); `cfg`: the merged ``evaluate``
+    section. Empty when per-seed scoring is disabled, no metric is named or no
+    faithfulness metric is configured at all."""
+    sh = cfg.get("seed_heatmaps") or {}
+    faith = cfg.get("faithfulness") or {}
+    metrics = list(sh.get("faithfulness", SEED_FAITHFULNESS_DEFAULT) or [])
+    _faithfulness_names(metrics, faith)  # a clear error for an unknown name
+    if not sh.get("enabled", True) or not metrics or not faith.get("metrics"):
+        return {}, {"enabled": False, "metrics": metrics}
+    methods = seed_methods(settings.profile["cam_methods"], sh.get("methods"))
+    batch = ExplainConfig.from_settings(settings).batch_size
+    order = {k: i for i, k in enumerate(keys)}
+    values: dict[int, SeedValues] = {}
+    for seed, model in (seed_models(settings, arch, device) if models is None else models):
+        t0 = time.perf_counter()
+        preds = per_seed[seed]
+        thresholds = thresholds_from_predictions(preds)
+        prob = np.full(labels.shape, np.nan)
+        test = preds.filter(pl.col("split") == "test")
+        for k, finding in enumerate(settings.findings):
+            t = test.filter(pl.col("finding") == finding)
+            idx = [order[key] for key in t["image_key"].to_list()]
+            prob[idx, k] = t["probability"].to_numpy()
+        values[seed] = seed_faithfulness_values(settings, arch, model, methods, images_u8,
+                                                labels, prob, thresholds, faith, metrics,
+                                                batch, device)
+        log(f"{arch}: seed {seed} faithfulness scored ({', '.join(metrics)}; "
+            f"{time.perf_counter() - t0:.1f}s)")
+    return values, {"enabled": True, "metrics": metrics, "methods": methods,
+                    "images": "each seed's own true positives of the test split, capped at "
+                              f"evaluate.faithfulness.max_images ({faith.get('max_images')})"}

@@ -35,7 +35,7 @@ from xcam_assets.evaluate.family_plots import family_plots
 from xcam_assets.evaluate.plots import plot_heatmap_montage, plot_metric_bars, plot_roc
 from xcam_assets.evaluate.scorecard import scorecard
 from xcam_assets.evaluate.seeds import (
-    FAITHFULNESS_NOT_PER_SEED,
+    seed_faithfulness_table,
     seed_heatmap_table,
     seed_models,
     seed_predictions,
@@ -65,6 +65,7 @@ from xcam_assets.explain.stage import SIDECAR, read_sidecar
 from xcam_assets.ingest.stage import union_inventory
 from xcam_assets.preprocess.store import read_manifests, split_arrays
 from xcam_assets.train.checkpoint import load_trained_model
+from xcam_assets.train.stage import precision_for
 from xcam_assets.train.zoo import pick_device
 
 BAR_METRICS = ["pointing_game", "pointing_game_tol{tol}px", "point_localization_accuracy",
@@ -107,13 +108,17 @@ def split_patients(settings: Settings) -> dict[str, str]:
 
 def ci_record(n_boot: int, seed: int, roc_n_boot: int, n_images: int, n_patients: int,
               seeds: dict[str, list[int]],
-              seed_heatmaps: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              seed_heatmaps: dict[str, dict[str, Any]] | None = None,
+              seed_faithfulness: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """How the table's CIs were made (`metric_table.json`, the asset's metadata).
-    `seed_heatmaps`: per architecture, what the per-seed heatmap scoring covered
-    (:func:`xcam_assets.evaluate.seeds.seed_heatmap_table`)."""
+    `seed_heatmaps` / `seed_faithfulness`: per architecture, what the per-seed heatmap and
+    faithfulness scoring covered (:mod:`xcam_assets.evaluate.seeds`)."""
     multi = {a: s for a, s in seeds.items() if len(s) > 1}
     heat = {a: r for a, r in (seed_heatmaps or {}).items() if a in multi}
+    faith = {a: r for a, r in (seed_faithfulness or {}).items() if a in multi}
     scored = any(r.get("enabled") for r in heat.values())
+    faith_scored = sorted({m for r in faith.values() if r.get("enabled")
+                           for m in r.get("metrics", [])})
     return {
         "ci_level": 0.95,
         "ci_method": "percentile bootstrap, resampling patients (all images of a drawn "
@@ -135,10 +140,13 @@ def ci_record(n_boot: int, seed: int, roc_n_boot: int, n_images: int, n_patients
                                    + (" and localization metrics per CAM method (each seed's "
                                       "own heatmaps of the boxed test images)"
                                       if scored else "")
+                                   + (f" and faithfulness ({', '.join(faith_scored)}) per "
+                                      "CAM method on each seed's own true positives"
+                                      if faith_scored else "")
                                    + f", suffix {SEED_SUFFIX}",
                         "seeds": multi,
                         "heatmaps": heat,
-                        "faithfulness": FAITHFULNESS_NOT_PER_SEED} if multi else None),
+                        "faithfulness": faith} if multi else None),
         "beyond_accuracy": {  # issue #18 (xcam_assets/evaluate/beyond.py)
             "calibration": "ece / brier (+ _temperature_scaled): patient bootstrap, "
                            "stratified by class",
@@ -168,8 +176,9 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     Every bootstrap resamples patients (stratified by class for diagnostic metrics); with
     several training seeds, diagnostic metrics and (each seed model's own heatmaps of the
     boxed test images, `evaluate.seed_heatmaps`) localization metrics per CAM method also
-    get `<metric>_seed_mean` rows (mean and t-CI over seeds; faithfulness is not computed
-    per seed; :mod:`xcam_assets.evaluate.seeds`).
+    get `<metric>_seed_mean` rows (mean and t-CI over seeds), and so do the faithfulness
+    metrics named in `evaluate.seed_heatmaps.faithfulness` (AOPC by default) on each seed's
+    own true positives (:mod:`xcam_assets.evaluate.seeds`).
 
     Writes `metrics/metric_table.parquet` (long), `metrics/metric_table.json` (how the CIs
     were made), `metrics/comparison.csv` (wide), `metrics/scorecard.csv` (the headline
@@ -186,6 +195,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     val_arrays: tuple | None = None
     seeds_used: dict[str, list[int]] = {}
     seed_heat_info: dict[str, dict[str, Any]] = {}
+    seed_faith_info: dict[str, dict[str, Any]] = {}
     boxes = _test_boxes(settings, keys)
     inventory = union_inventory(settings)
     views = dict(inventory.select("image_key", "view_position").iter_rows())
@@ -220,9 +230,13 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
             t0 = time.perf_counter()  # issue #17 item 5: heatmap metrics per seed
             per_seed_heat, seed_heat_info[arch] = seed_heatmap_table(
                 settings, arch, x_te, regions, boxes, cfg, device, log, models=models)
-            del models
-            rows += seed_summary_rows(arch, _by_key(per_seed_heat))
             timings[f"{arch}/seed_heatmaps_s"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()  # and faithfulness (AOPC by default) per seed
+            per_seed_faith, seed_faith_info[arch] = seed_faithfulness_table(
+                settings, arch, x_te, y_te, keys, per_seed, cfg, device, log, models=models)
+            del models
+            rows += seed_summary_rows(arch, _by_key(per_seed_heat) | _by_key(per_seed_faith))
+            timings[f"{arch}/seed_faithfulness_s"] = round(time.perf_counter() - t0, 2)
         thresholds = thresholds_from_predictions(preds)
         t0 = time.perf_counter()
         cal_rows, curves = calibration_table(arch, preds, settings.findings, cfg["calibration"],
@@ -308,8 +322,9 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
                     tp = np.flatnonzero((y_te[:, k] > 0) & (test_prob[:, k] >= thresholds[finding]))
                     if faith.get("max_images") is not None:
                         tp = tp[:int(faith["max_images"])]
-                    values = faithfulness_values(model, k, images01[tp], maps[tp, k],
-                                                 thresholds[finding], faith, seed=settings.seed)
+                    values = faithfulness_values(
+                        model, k, images01[tp], maps[tp, k], thresholds[finding], faith,
+                        seed=settings.seed, precision=precision_for(settings, arch, device, model))
                     rows += mean_rows(arch, spec.name, finding, values, n_boot, settings.seed,
                                       groups=groups[tp])
                 timings[f"{arch}/{spec.name}/faithfulness_s"] = round(
@@ -329,7 +344,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
     atomic_write_parquet(path, long)
     roc_n_boot = min(n_boot, 500)
     ci = ci_record(n_boot, settings.seed, roc_n_boot, len(keys), len(set(groups.tolist())),
-                   seeds_used, seed_heat_info)
+                   seeds_used, seed_heat_info, seed_faith_info)
     if permuted:  # the permuted-label models the data randomization rows rest on
         ci["data_randomization"] = {a: pm.record for a, pm in permuted.items()}
     atomic_write_json(settings.metrics_dir / "metric_table.json", ci)

@@ -187,9 +187,11 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
     "stability": {"enabled": True, "max_images": 4, "perturbations": ["hflip", "shift", "noise"],
                   "shift_px": 8, "noise_sd": 0.02},
     # issue #17 item 5: localization metrics of every kept seed model (seeds: N > 1);
-    # max_images caps the boxed test images, methods (null: all) the CAM methods
+    # max_images caps the boxed test images, methods (null: all) the CAM methods;
+    # faithfulness: the faithfulness metrics scored per seed on its own true positives
     # (:mod:`xcam_assets.evaluate.seeds`)
-    "seed_heatmaps": {"enabled": True, "max_images": None, "methods": None},
+    "seed_heatmaps": {"enabled": True, "max_images": None, "methods": None,
+                      "faithfulness": ["aopc"]},
 }
 
 
