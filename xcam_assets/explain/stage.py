@@ -3,11 +3,12 @@ one trained architecture, with overlays, montages and a provenance sidecar."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,17 @@ from xcam_assets.config import Settings
 from xcam_assets.explain.cams import heatmap_stack, parse_method, reshape_transform_for
 from xcam_assets.explain.overlays import encode_png, montage, overlay
 from xcam_assets.hashing import sha256_file
-from xcam_assets.preprocess.store import split_arrays
+from xcam_assets.preprocess.store import split_arrays, tensors_version
 from xcam_assets.train.checkpoint import load_trained_model
+from xcam_assets.train.checkpoint import read_sidecar as read_checkpoint_sidecar
+from xcam_assets.train.fit import code_hash, fingerprint
 from xcam_assets.train.loop import predict_logits
 from xcam_assets.train.precision import Precision
 from xcam_assets.train.stage import precision_for
 from xcam_assets.train.zoo import pick_device, target_layers, zoo_entry
 
 SIDECAR = "heatmaps.json"
+EXPLAIN_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,13 @@ class ExplainConfig:
 @dataclass
 class ExplainOutcome:
     """What a heatmap set holds: per method its sidecar entry, and per made method a
-    montage of positives (an RGB array and its caption) for the UI."""
+    montage of positives (the image array, or its PNG bytes when the set was kept, and its
+    caption) for the UI."""
 
     out: Path
     n_images: int
     methods: dict[str, dict[str, Any]]
-    montages: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+    montages: dict[str, tuple[np.ndarray | bytes, str]] = field(default_factory=dict)
 
 
 def read_sidecar(out: Path) -> dict:
@@ -117,16 +122,78 @@ def write_overlays(out: Path, key: str, findings: list[str], keys: list[str], x:
     return pic
 
 
+def explain_code_hash() -> str:
+    """Digest of the code a heatmap set is made by: the explain stage (its Dagster asset
+    module aside) and the training code that builds and runs the model (precision rule,
+    zoo)."""
+    h = hashlib.sha256(code_hash().encode())
+    for path in sorted(EXPLAIN_DIR.glob("*.py")):
+        if path.name != "assets.py":
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def explain_fingerprint(settings: Settings, arch: str, cfg: ExplainConfig) -> str:
+    """What a heatmap set is made from: the checkpoint of record (its weights hash and
+    training fingerprint), the val and test images' tensors and the splits file, the
+    explain settings, findings, image size, precision setting and code."""
+    ckpt = read_checkpoint_sidecar(settings.checkpoints_dir / arch)
+    splits = pl.read_parquet(settings.splits_path, columns=["image_key", "split"])
+    keys = splits.filter(pl.col("split").is_in(["val", "test"]))["image_key"].to_list()
+    return fingerprint({
+        "architecture": arch, "weights_sha256": ckpt.get("weights_sha256"),
+        "training_fingerprint": ckpt.get("training_fingerprint"),
+        "tensors": tensors_version(settings, keys), "splits": sha256_file(settings.splits_path),
+        "explain": asdict(cfg), "findings": list(settings.findings),
+        "image_size": settings.image_size, "precision_setting": settings.precision,
+        "code": explain_code_hash()})
+
+
+def current_heatmap_set(out: Path, explain_fp: str) -> ExplainOutcome | None:
+    """The heatmap set in `out` when it was made from exactly these inputs (`explain_fp`)
+    and every file its sidecar names is there; else None. Re-materializing then keeps it
+    as it is (its data version does not move), as `checkpoint_is_current` keeps a
+    checkpoint: an external batch or a re-run costs no CAM pass."""
+    try:
+        side = read_sidecar(out)
+    except (OSError, ValueError):
+        return None
+    if side.get("explain_fingerprint") != explain_fp:
+        return None
+    needed = [out / "predictions.parquet", out / "heatmap_manifest.parquet"]
+    for info in side["methods"].values():
+        if info.get("status") == "ok":
+            needed += [out / info["file"], out / info["peaks_file"]]
+    if not all(p.is_file() for p in needed):
+        return None
+    outcome = ExplainOutcome(out=out, n_images=int(side["n_images"]), methods=side["methods"])
+    alphas = " / ".join(f"{a:g}" for a in side.get("overlay_alphas", []))
+    for name, info in side["methods"].items():
+        png = out / f"montage_{info['file'][:-len('.npy')]}.png" if info.get("file") else None
+        if png is not None and png.is_file():
+            outcome.montages[name] = (png.read_bytes(), f"{side['architecture']} {name}: "
+                                                        f"positives, alpha 0 / {alphas}")
+    return outcome
+
+
 def explain_architecture(settings: Settings, arch: str,
                          log: Callable[[str], None] = print) -> ExplainOutcome:
     """Per test image, finding and configured CAM method: a heatmap in [0, 1] at input
     size (float16, `heatmaps/<arch>/<method>.npy` (N, F, S, S), rows in the order of
-    `heatmap_manifest.parquet`), predictions, overlays, montages and the sidecar."""
+    `heatmap_manifest.parquet`), predictions, overlays, montages and the sidecar. A set
+    made from the same checkpoint, images, settings and code is kept as it is
+    (:func:`current_heatmap_set`)."""
     cfg = ExplainConfig.from_settings(settings)
+    out = settings.heatmaps_dir / arch
+    explain_fp = explain_fingerprint(settings, arch, cfg)
+    kept = current_heatmap_set(out, explain_fp)
+    if kept is not None:
+        log(f"{arch}: heatmap set up to date (same checkpoint, images, methods and code): "
+            "kept as is")
+        return kept
     device = pick_device()
     model = load_trained_model(settings, arch, device)
     precision = precision_for(settings, arch, device, model)
-    out = settings.heatmaps_dir / arch
     write_predictions(settings, model, device, out, precision)
     keys, x_te, y_te, _ = split_arrays(settings, "test")
     layers = target_layers(model, arch, settings.zoo)
@@ -173,5 +240,6 @@ def explain_architecture(settings: Settings, arch: str,
         "target_layers": list(entry.target_layers),
         "reshape_transform": entry.reshape_transform, "batch_size": cfg.batch_size,
         "overlay_alphas": list(cfg.overlay_alphas), "methods": outcome.methods,
-        "device": str(device), **precision.record(), "precision_setting": settings.precision})
+        "device": str(device), **precision.record(), "precision_setting": settings.precision,
+        "explain_fingerprint": explain_fp})
     return outcome
