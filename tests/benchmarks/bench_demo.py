@@ -1,7 +1,7 @@
 """The whole demo lineage through Dagster: wall time and orchestration overhead.
 
 Run: .venv/bin/python tests/benchmarks/bench_demo.py [--profile demo|tiny] [--keep]
-[--precision auto|fp32|bf16]
+[--precision auto|fp32|bf16] [--seeds N] [--architectures a,b]
 (a plain script, not collected by pytest).
 
 What it does, as `make demo` (`xcam demo`) does without DVC and the UI: a fresh project
@@ -74,14 +74,17 @@ def union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> 
     return total
 
 
-def make_project(root: Path, profile: str, precision: str | None = None) -> None:
+def make_project(root: Path, profile: str, precision: str | None = None,
+                 seeds: int | None = None, architectures: list[str] | None = None) -> None:
     shutil.copytree(REPO / "resources", root / "resources")
-    if precision is not None:  # the profile's `precision` key, as a user would set it
+    overrides = {"precision": precision, "seeds": seeds, "architectures": architectures}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:  # the profile's own keys, set as a user would set them
         import yaml
 
         path = root / "resources" / "params.yaml"
         params = yaml.safe_load(path.read_text())
-        params["profiles"][profile]["precision"] = precision
+        params["profiles"][profile].update(overrides)
         path.write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "dagster_home").mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", root / "dagster_home" / "dagster.yaml")
@@ -132,11 +135,16 @@ def main() -> None:
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                     help="set the profile's precision (default: as params.yaml has it); "
                          "two runs, auto and fp32, with --keep give the parity table's inputs")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="set the profile's seeds (several: the parity table's seed-mean rows)")
+    ap.add_argument("--architectures", default=None,
+                    help="comma-separated zoo entries in place of the profile's")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="xcam-bench-demo-"))
     root = tmp / "project"
-    make_project(root, args.profile, args.precision)
+    make_project(root, args.profile, args.precision, args.seeds,
+                 args.architectures.split(",") if args.architectures else None)
 
     t0 = time.perf_counter()
     from xcam_assets.cli import cmd_demo_cohort
@@ -216,7 +224,9 @@ def main() -> None:
           f"step_overhead_fraction={step_overhead:.3f} overhead_s={lineage_s - body_s:.1f} "
           f"runs={len(runs)} cpu_s={cpu_s:.1f} import_s={import_s:.1f} "
           f"pins={int(os.environ.get('XCAM_SQLITE_PINS', '1') != '0')} profile={args.profile} "
-          f"precision={args.precision or 'as-configured'}")
+          f"precision={args.precision or 'as-configured'}"
+          + (f" seeds={args.seeds}" if args.seeds else "")
+          + (f" architectures={args.architectures}" if args.architectures else ""))
 
 
 if __name__ == "__main__":
