@@ -254,6 +254,7 @@ def seed_faithfulness_values(settings: Settings, arch: str, model: nn.Module,
     layers = target_layers(model, arch, settings.zoo)
     reshape = reshape_transform_for(arch, settings.zoo)
     cfg = {**faith, "metrics": list(metrics)}
+    names = _faithfulness_names(metrics)
     out: SeedValues = {}
     for k, finding in enumerate(findings):
         if faith.get("findings") and finding not in faith["findings"]:
@@ -276,7 +277,7 @@ def seed_faithfulness_values(settings: Settings, arch: str, model: nn.Module,
                 values = faithfulness_values(model, k, images_u8[tp].astype(np.float32) / 255.0,
                                              maps[:, k].astype(np.float32), thresholds[finding],
                                              cfg, seed=settings.seed, precision=precision)
-            for name in _faithfulness_names(metrics, faith):
+            for name in names:
                 arr = np.asarray(values.get(name, []), dtype=np.float64)
                 arr = arr[np.isfinite(arr)]
                 if len(arr):  # no true positive: no value for this seed
@@ -284,7 +285,7 @@ def seed_faithfulness_values(settings: Settings, arch: str, model: nn.Module,
     return out
 
 
-def _faithfulness_names(metrics: Sequence[str], faith: Mapping[str, Any]) -> list[str]:
+def _faithfulness_names(metrics: Sequence[str]) -> list[str]:
     """The table's metric names of the configured faithfulness metrics."""
     names = {"aopc": ["aopc"], "deletion": ["deletion_auc"], "insertion": ["insertion_auc"],
              "masked_out_area": ["masked_out_area"],
@@ -310,7 +311,7 @@ def seed_faithfulness_table(settings: Settings, arch: str, images_u8: np.ndarray
     sh = cfg.get("seed_heatmaps") or {}
     faith = cfg.get("faithfulness") or {}
     metrics = list(sh.get("faithfulness", SEED_FAITHFULNESS_DEFAULT) or [])
-    _faithfulness_names(metrics, faith)  # a clear error for an unknown name
+    _faithfulness_names(metrics)  # a clear error for an unknown name
     if not sh.get("enabled", True) or not metrics or not faith.get("metrics"):
         return {}, {"enabled": False, "metrics": metrics}
     methods = seed_methods(settings.profile["cam_methods"], sh.get("methods"))

@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,13 +167,16 @@ def current_heatmap_set(out: Path, explain_fp: str) -> ExplainOutcome | None:
     if not all(p.is_file() for p in needed):
         return None
     outcome = ExplainOutcome(out=out, n_images=int(side["n_images"]), methods=side["methods"])
-    alphas = " / ".join(f"{a:g}" for a in side.get("overlay_alphas", []))
     for name, info in side["methods"].items():
         png = out / f"montage_{info['file'][:-len('.npy')]}.png" if info.get("file") else None
         if png is not None and png.is_file():
-            outcome.montages[name] = (png.read_bytes(), f"{side['architecture']} {name}: "
-                                                        f"positives, alpha 0 / {alphas}")
+            outcome.montages[name] = (png.read_bytes(), montage_caption(
+                side["architecture"], name, side.get("overlay_alphas", [])))
     return outcome
+
+
+def montage_caption(arch: str, method: str, alphas: Sequence[float]) -> str:
+    return f"{arch} {method}: positives, alpha 0 / " + " / ".join(f"{a:g}" for a in alphas)
 
 
 def explain_architecture(settings: Settings, arch: str,
@@ -230,8 +233,7 @@ def explain_architecture(settings: Settings, arch: str,
                                      else maps.shape[0] * maps.shape[1]) / max(seconds, 1e-9),
                                     2)}
         pic = write_overlays(out, spec.key, settings.findings, keys, x_te, y_te, maps, cfg)
-        outcome.montages[spec.name] = (pic, f"{arch} {spec.name}: positives, alpha 0 / "
-                                       + " / ".join(f"{a:g}" for a in cfg.overlay_alphas))
+        outcome.montages[spec.name] = (pic, montage_caption(arch, spec.name, cfg.overlay_alphas))
         log(f"{spec.name}: {maps.shape[0]} x {maps.shape[1]} heatmaps in {seconds:.1f}s")
     entry = zoo_entry(arch, settings.zoo)
     atomic_write_json(out / SIDECAR, {
