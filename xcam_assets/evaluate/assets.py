@@ -58,9 +58,9 @@ def metric_tables(context: dg.AssetExecutionContext, xcam: XcamProject) -> dg.Ma
     reliability diagrams, the randomization test, subgroup forest plot, stability and
     method agreement, heatmap montages). Every bootstrap CI resamples patients (stratified by class for diagnostic
     metrics); with several training seeds, `<metric>_seed_mean` rows add the mean and
-    t-CI over seeds (diagnostic metrics, and localization metrics from each seed model's own
-    heatmaps; not faithfulness); `metrics/metric_table.json` and the metadata say so (`ci_method`,
-    `n_boot`)."""
+    t-CI over seeds (diagnostic metrics, localization metrics from each seed model's own
+    heatmaps, and AOPC on each seed model's own true positives); `metrics/metric_table.json`
+    and the metadata say so (`ci_method`, `n_boot`)."""
     settings = xcam.settings()
     try:
         outcome = evaluate_lineage(settings, context.log.info)
