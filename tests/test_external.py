@@ -13,6 +13,7 @@ import dagster as dg
 import polars as pl
 import pydicom
 import pytest
+from cohorts import arrived_demo_cohort
 
 from xcam_assets.config import load_settings
 from xcam_assets.demo import write_demo_cohort
@@ -69,9 +70,7 @@ def test_batch_meta_round_trip_and_errors(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_external_batch_is_scored_by_frozen_checkpoints(project: Path) -> None:
     s = load_settings()
-    for b in write_demo_cohort(s.incoming_dir, n_images=80, n_batches=2, size=128,
-                               seed=s.seed, finding=s.findings[0]):
-        (b / ".complete").touch()
+    arrived_demo_cohort(s, 80)
     instance = dg.DagsterInstance.get()
     materialize_all(settings=s, instance=instance, log=lambda m: None)
     before = _versions(instance, WATCHED)

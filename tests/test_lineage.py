@@ -12,11 +12,11 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from cohorts import arrived_demo_cohort
 from sklearn.metrics import roc_auc_score
 
 from xcam_assets.config import load_settings
 from xcam_assets.definitions import ASSETS, CHECKS, defs
-from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import STAGES, StageFailed, _run, materialize_all, register_batches
 from xcam_assets.project import XcamProject
 from xcam_assets.train.checkpoint import load_checkpoint
@@ -26,11 +26,7 @@ from xcam_assets.train.zoo import build_model
 
 
 def _cohort(s, n_images: int = 80) -> list:
-    batches = write_demo_cohort(s.incoming_dir, n_images=n_images, n_batches=2, size=128,
-                                seed=s.seed, finding=s.findings[0])
-    for b in batches:
-        (b / ".complete").touch()
-    return batches
+    return arrived_demo_cohort(s, n_images)
 
 
 def test_definitions_load_with_a_blocking_check_per_asset() -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from cohorts import arrived_demo_cohort
 
 from xcam_assets.config import load_settings
 from xcam_assets.definitions import ASSETS, CHECKS
-from xcam_assets.demo import write_demo_cohort
 from xcam_assets.orchestrate import materialize_all, project_instance
 from xcam_assets.project import batch_partitions
 from xcam_assets.train.assets import arch_partitions
@@ -170,10 +170,7 @@ def test_demo_lineage_runs_green_against_postgres(project: Path, pg_server: PgSe
         monkeypatch.setenv(f"DAGSTER_PG_{name}", value)
 
     s = load_settings()
-    for batch in write_demo_cohort(s.incoming_dir, n_images=s.profile["demo_images"],
-                                   n_batches=2, size=128, seed=s.seed,
-                                   finding=s.findings[0]):
-        (batch / ".complete").touch()
+    arrived_demo_cohort(s, s.profile["demo_images"])
     logs: list[str] = []
     with project_instance(s) as instance:
         # the production file, as Dagster reads it from DAGSTER_HOME

@@ -158,15 +158,13 @@ def test_label_permutation_is_a_seeded_permutation_of_whole_rows() -> None:
 # --------------------------------------------------------------------------- (b)+(c) lineage
 def _tiny_lineage(n_images: int) -> None:
     import dagster as dg
+    from cohorts import arrived_demo_cohort
 
     from xcam_assets.config import load_settings
-    from xcam_assets.demo import write_demo_cohort
     from xcam_assets.orchestrate import materialize_stage
 
     s = load_settings()
-    for b in write_demo_cohort(s.incoming_dir, n_images=n_images, n_batches=1, size=96,
-                               seed=s.seed, finding=s.findings[0]):
-        (b / ".complete").touch()
+    arrived_demo_cohort(s, n_images, size=96, n_batches=1)
     instance = dg.DagsterInstance.get()
     for stage in ("ingest", "preprocess", "splits", "train", "explain"):
         materialize_stage(stage, instance=instance, log=lambda m: None)

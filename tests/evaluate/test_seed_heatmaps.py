@@ -128,9 +128,8 @@ def test_seed_faithfulness_values_match_the_library_aopc(project: Path) -> None:
     true positive gives no value; an unknown metric name is refused, naming the setting."""
     from xcam_assets.evaluate.faithfulness import morf_aopc, torch_predictor
     from xcam_assets.evaluate.seeds import seed_faithfulness_table, seed_faithfulness_values
-    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
     from xcam_assets.train.stage import precision_for
-    from xcam_assets.train.zoo import build_model, target_layers
+    from xcam_assets.train.zoo import build_model
 
     s = load_settings()
     findings = list(s.findings)
@@ -153,13 +152,10 @@ def test_seed_faithfulness_values_match_the_library_aopc(project: Path) -> None:
     tp = [0, 3]  # the first two true positives of finding 0
     only = np.zeros((2, len(findings)), dtype=bool)
     only[:, 0] = True
+    precision = precision_for(s, "resnet18", device, model)
     for method in ("gradcam", "gradcam-norelu"):
-        maps = heatmap_stack(model, target_layers(model, "resnet18", s.zoo), x[tp], method,
-                             len(findings), batch_size=8,
-                             reshape_transform=reshape_transform_for("resnet18", s.zoo),
-                             only=only, precision=precision_for(s, "resnet18", device, model))
-        predictor = torch_predictor(model, 0,
-                                    precision=precision_for(s, "resnet18", device, model))
+        maps = _stage_maps(s, "resnet18", model, x[tp], method, only, precision)
+        predictor = torch_predictor(model, 0, precision=precision)
         want = morf_aopc(predictor, x[tp].astype(np.float32) / 255.0,
                          maps[:, 0].astype(np.float64), None, steps=5, grid=4, seed=s.seed)
         assert got[(method, findings[0], "aopc")] == pytest.approx(float(np.mean(want.values)),
@@ -183,32 +179,46 @@ TINY = {"image_size": 64, "epochs": 1, "batch_size": 8, "seeds": 2, "resume": Fa
                                       "aopc": {"grid": 4, "steps": 5}}}}
 
 
+def _kept_seed_models(s, arch: str):
+    """(model in eval mode, device, its precision) per kept seed, read from the seed
+    directories the checkpoint's `seed_runs` list, without the evaluate stage's code."""
+    from xcam_assets.train.checkpoint import load_checkpoint
+    from xcam_assets.train.stage import precision_for
+    from xcam_assets.train.zoo import build_model
+
+    side = json.loads((s.checkpoints_dir / arch / "model.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for run in side["seed_runs"]:
+        model = build_model(arch, s.zoo, n_classes=len(s.findings),
+                            image_size=TINY["image_size"])
+        load_checkpoint(s.checkpoints_dir / arch / "seeds" / f"seed-{run['seed']}", model)
+        model = model.to(device).eval()
+        yield model, device, precision_for(s, arch, device, model)
+
+
+def _stage_maps(s, arch: str, model, x: np.ndarray, method: str, only: np.ndarray,
+                precision) -> np.ndarray:
+    """The maps the explain stage makes (its function, layers and precision)."""
+    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
+    from xcam_assets.train.zoo import target_layers
+
+    return heatmap_stack(model, target_layers(model, arch, s.zoo), x, method, len(s.findings),
+                         batch_size=8, reshape_transform=reshape_transform_for(arch, s.zoo),
+                         only=only, precision=precision)
+
+
 def _scores_per_seed(s, arch: str, method: str, x: np.ndarray, regions: np.ndarray
                      ) -> dict[str, list[float]]:
     """Each kept seed model's pointing game and energy pointing game (first finding) on the
     boxed test images, from the seed directories and the library calls, without the
     evaluate stage's code."""
     from xcam_assets.evaluate.localization import energy_pointing_game, pointing_game_hit
-    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
-    from xcam_assets.train.checkpoint import load_checkpoint
-    from xcam_assets.train.stage import precision_for
-    from xcam_assets.train.zoo import build_model, target_layers
 
-    side = json.loads((s.checkpoints_dir / arch / "model.json").read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, list[float]] = {"pointing_game": [], "energy_pointing_game": []}
-    for run in side["seed_runs"]:
-        model = build_model(arch, s.zoo, n_classes=len(s.findings),
-                            image_size=TINY["image_size"])
-        load_checkpoint(s.checkpoints_dir / arch / "seeds" / f"seed-{run['seed']}", model)
-        model = model.to(device).eval()
-        only = regions.reshape(len(regions), len(s.findings), -1).any(axis=2)
-        maps = heatmap_stack(model, target_layers(model, arch, s.zoo), x, method,
-                             len(s.findings), batch_size=8,
-                             reshape_transform=reshape_transform_for(arch, s.zoo), only=only,
-                             precision=precision_for(s, arch, device, model))
-        pos = [i for i in range(len(x)) if regions[i, 0].any()]
-        heat = maps.astype(np.float32)
+    only = regions.reshape(len(regions), len(s.findings), -1).any(axis=2)
+    pos = [i for i in range(len(x)) if regions[i, 0].any()]
+    for model, _, precision in _kept_seed_models(s, arch):
+        heat = _stage_maps(s, arch, model, x, method, only, precision).astype(np.float32)
         out["pointing_game"].append(float(np.mean(
             [pointing_game_hit(heat[i, 0], regions[i, 0] > 0) for i in pos])))
         out["energy_pointing_game"].append(float(np.mean(
@@ -221,24 +231,13 @@ def _aopc_per_seed(s, arch: str, method: str) -> list[float]:
     by the G-mean rule, first 3), with the library's AOPC on TINY's 4x4 grid and L = 5."""
     from xcam_assets.evaluate.diagnostic import gmean_threshold
     from xcam_assets.evaluate.faithfulness import morf_aopc, torch_predictor
-    from xcam_assets.explain.cams import heatmap_stack, reshape_transform_for
     from xcam_assets.preprocess.store import split_arrays
-    from xcam_assets.train.checkpoint import load_checkpoint
     from xcam_assets.train.loop import predict_logits
-    from xcam_assets.train.stage import precision_for
-    from xcam_assets.train.zoo import build_model, target_layers
 
-    side = json.loads((s.checkpoints_dir / arch / "model.json").read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, x_val, y_val, _ = split_arrays(s, "val")
     _, x_te, y_te, _ = split_arrays(s, "test")
     out = []
-    for run in side["seed_runs"]:
-        model = build_model(arch, s.zoo, n_classes=len(s.findings),
-                            image_size=TINY["image_size"])
-        load_checkpoint(s.checkpoints_dir / arch / "seeds" / f"seed-{run['seed']}", model)
-        model = model.to(device).eval()
-        precision = precision_for(s, arch, device, model)  # the stage's, for every forward
+    for model, device, precision in _kept_seed_models(s, arch):  # the stage's precision
         p_val = 1 / (1 + np.exp(-predict_logits(model, x_val, device=device,
                                                 precision=precision)[:, 0]))
         p_te = 1 / (1 + np.exp(-predict_logits(model, x_te, device=device,
@@ -250,10 +249,7 @@ def _aopc_per_seed(s, arch: str, method: str) -> list[float]:
             continue
         only = np.zeros((len(tp), len(s.findings)), dtype=bool)
         only[:, 0] = True
-        maps = heatmap_stack(model, target_layers(model, arch, s.zoo), x_te[tp], method,
-                             len(s.findings), batch_size=8,
-                             reshape_transform=reshape_transform_for(arch, s.zoo), only=only,
-                             precision=precision)
+        maps = _stage_maps(s, arch, model, x_te[tp], method, only, precision)
         res = morf_aopc(torch_predictor(model, 0, precision=precision),
                         x_te[tp].astype(np.float32) / 255.0,
                         maps[:, 0].astype(np.float64), None, steps=5, grid=4, seed=s.seed)
@@ -263,7 +259,8 @@ def _aopc_per_seed(s, arch: str, method: str) -> list[float]:
 
 @pytest.mark.slow
 def test_two_seeds_give_heatmap_seed_rows_end_to_end(project: Path) -> None:
-    from xcam_assets.demo import write_demo_cohort
+    from cohorts import arrived_demo_cohort
+
     from xcam_assets.orchestrate import materialize_stage
     from xcam_assets.preprocess.store import split_arrays
 
@@ -271,9 +268,7 @@ def test_two_seeds_give_heatmap_seed_rows_end_to_end(project: Path) -> None:
     path.write_text(yaml.safe_dump(_deep_merge(yaml.safe_load(path.read_text()),
                                                {"profiles": {"tiny": TINY}})))
     s = load_settings()
-    for b in write_demo_cohort(s.incoming_dir, n_images=40, n_batches=2, size=96,
-                               seed=s.seed, finding=s.findings[0]):
-        (b / ".complete").touch()
+    arrived_demo_cohort(s, 40, size=96)
     for stage in ("ingest", "preprocess", "splits", "train", "explain", "evaluate"):
         materialize_stage(stage, s, log=lambda m: None)  # evaluate's blocking checks pass
     s = load_settings()

@@ -14,15 +14,14 @@ from xcam_assets.config import _deep_merge, load_settings
 
 @pytest.mark.slow
 def test_heatmap_set_is_kept_while_its_inputs_stand(project: Path) -> None:
-    from xcam_assets.demo import write_demo_cohort
+    from cohorts import arrived_demo_cohort
+
     from xcam_assets.explain.stage import SIDECAR, explain_architecture, read_sidecar
     from xcam_assets.hashing import dvc_data_version
     from xcam_assets.orchestrate import materialize_stage
 
     s = load_settings()
-    for b in write_demo_cohort(s.incoming_dir, n_images=40, n_batches=2, size=96,
-                               seed=s.seed, finding=s.findings[0]):
-        (b / ".complete").touch()
+    arrived_demo_cohort(s, 40, size=96)
     for stage in ("ingest", "preprocess", "splits", "train", "explain"):
         materialize_stage(stage, s, log=lambda m: None)
     arch = s.architectures[0]

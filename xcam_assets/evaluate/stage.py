@@ -316,6 +316,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
                 t0 = time.perf_counter()
                 if model is None:
                     model = load_trained_model(settings, arch, device)
+                precision = precision_for(settings, arch, device, model)
                 for k, finding in enumerate(settings.findings):
                     if faith.get("findings") and finding not in faith["findings"]:
                         continue  # faithfulness limited to these findings (CPU profiles)
@@ -324,7 +325,7 @@ def evaluate_lineage(settings: Settings, log: Callable[[str], None] = print) -> 
                         tp = tp[:int(faith["max_images"])]
                     values = faithfulness_values(
                         model, k, images01[tp], maps[tp, k], thresholds[finding], faith,
-                        seed=settings.seed, precision=precision_for(settings, arch, device, model))
+                        seed=settings.seed, precision=precision)
                     rows += mean_rows(arch, spec.name, finding, values, n_boot, settings.seed,
                                       groups=groups[tp])
                 timings[f"{arch}/{spec.name}/faithfulness_s"] = round(
